@@ -1,0 +1,512 @@
+"""The run configuration: one validated pydantic tree, loaded from YAML with dotted overrides.
+
+    cfg = load_config("vit_base_800ep", overrides=["optim.base_lr=1e-4", "model.depth=6"])
+
+A preset name (``bootmae_ds/presets/<name>.yaml``) or a YAML path may be given; overrides are
+``dotted.key=value`` with YAML-parsed values. Anything invalid raises ``ConfigError`` naming the
+field, the value and the rule before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the value and the rule."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _fail(field: str, value: Any, rule: str) -> None:
+    raise ValueError(f"{field}={value!r}: {rule}")
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+class DecoderConfig(_Section):
+    """One decoder: the pixel regressor or the feature predictor."""
+
+    enabled: bool = Field(True, description="Build and train this decoder.")
+    depth: int = Field(2, ge=1, description="Number of decoder blocks.")
+    dim: int | None = Field(None, ge=8, description="Decoder width; null = encoder width.")
+    num_heads: int | None = Field(
+        None, ge=1, description="Attention heads; null = the encoder's head count (official)."
+    )
+    head_dim: int | None = Field(
+        None, ge=1, description="Per-head width; null = dim // num_heads (official, may leave "
+        "heads * head_dim below dim, e.g. 12 x 42 = 504 for the 512-wide regressor)."
+    )
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / decoder width.")
+    context: bool = Field(
+        True, description="Cross-attend to encoder features (target-aware decoder). False = "
+        "plain self-attention blocks, as MAE's decoder."
+    )
+    context_block: int = Field(
+        0, description="Encoder block whose (un-normalised) output is the context; negative "
+        "counts from the end (-1 = last block)."
+    )
+    pos_embed_visible: bool = Field(
+        False, description="Also add the decoder position embedding to visible tokens (MAE). "
+        "The official BootMAE adds it to mask tokens only."
+    )
+
+
+class ModelConfig(_Section):
+    """Encoder size and the two decoders."""
+
+    img_size: int = Field(224, ge=8, description="Input image side in pixels.")
+    patch_size: int = Field(16, ge=1, description="Patch side in pixels.")
+    in_chans: int = Field(3, ge=1, description="Input channels.")
+    embed_dim: int = Field(768, ge=8, description="Encoder width D.")
+    depth: int = Field(12, ge=1, description="Encoder blocks.")
+    num_heads: int = Field(12, ge=1, description="Encoder attention heads.")
+    mlp_ratio: float = Field(4.0, gt=0, description="Encoder MLP hidden width / D.")
+    qkv_bias: bool = Field(True, description="BEiT-style q and v biases (no k bias).")
+    norm_eps: float = Field(1e-6, gt=0, description="LayerNorm epsilon everywhere.")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="Stochastic depth rate (encoder).")
+    pixel_decoder: DecoderConfig = Field(
+        default_factory=lambda: DecoderConfig(dim=512, context_block=0),
+        description="Pixel regressor (official: 2 blocks, 512 wide, context = block 0).",
+    )
+    feature_decoder: DecoderConfig = Field(
+        default_factory=lambda: DecoderConfig(dim=None, context_block=-1),
+        description="Feature predictor (official: 2 blocks, encoder width, context = last block).",
+    )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        side = self.img_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def resolve_block(self, index: int) -> int:
+        """A (possibly negative) encoder block index as a non-negative one."""
+        return index + self.depth if index < 0 else index
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.img_size % self.patch_size:
+            _fail("model.img_size", self.img_size,
+                  f"must be divisible by model.patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            _fail("model.embed_dim", self.embed_dim,
+                  f"must be divisible by model.num_heads={self.num_heads}")
+        if self.embed_dim % 4:
+            _fail("model.embed_dim", self.embed_dim, "must be divisible by 4 (2-D sin-cos)")
+        if not self.pixel_decoder.enabled:
+            _fail("model.pixel_decoder.enabled", False, "the pixel branch is always trained")
+        for name in ("pixel_decoder", "feature_decoder"):
+            dec: DecoderConfig = getattr(self, name)
+            idx = dec.context_block
+            if not -self.depth <= idx < self.depth:
+                _fail(f"model.{name}.context_block", idx,
+                      f"must index an encoder block: in [{-self.depth}, {self.depth - 1}]")
+            dim = dec.dim or self.embed_dim
+            heads = dec.num_heads or self.num_heads
+            if (dec.head_dim or dim // heads) < 1:
+                _fail(f"model.{name}.num_heads", heads, f"gives head_dim 0 at width {dim}")
+            if dim % 4:
+                _fail(f"model.{name}.dim", dim, "must be divisible by 4 (2-D sin-cos)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# method
+# --------------------------------------------------------------------------------------------
+class MaskConfig(_Section):
+    """Which patches are hidden from the encoder."""
+
+    strategy: Literal["block", "random"] = Field(
+        "block", description="'block' = BEiT block-wise + random top-up (BootMAE); 'random' = MAE."
+    )
+    num_masked: int = Field(147, ge=1, description="Masked patches per image (same for all).")
+    block_budget: int = Field(120, ge=1, description="Patches covered by blocks before top-up.")
+    min_block_patches: int = Field(16, ge=1, description="Smallest block area in patches.")
+    max_block_patches: int = Field(60, ge=1, description="Largest block area in patches.")
+    min_aspect: float = Field(0.3, gt=0, description="Smallest block aspect ratio.")
+    max_aspect: float | None = Field(None, gt=0, description="Largest aspect; null = 1/min_aspect.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MaskConfig":
+        if self.strategy == "block":
+            if self.block_budget > self.num_masked:
+                _fail("mask.block_budget", self.block_budget,
+                      f"must not exceed mask.num_masked={self.num_masked}")
+            if self.min_block_patches > self.max_block_patches:
+                _fail("mask.min_block_patches", self.min_block_patches,
+                      f"must not exceed mask.max_block_patches={self.max_block_patches}")
+        if self.max_aspect is not None and self.max_aspect < self.min_aspect:
+            _fail("mask.max_aspect", self.max_aspect, f"must be >= mask.min_aspect={self.min_aspect}")
+        return self
+
+
+class LossConfig(_Section):
+    """Pixel and feature losses."""
+
+    pixel_norm: Literal["per_channel", "per_patch", "none"] = Field(
+        "per_channel", description="Pixel-target normalisation: each patch per channel (BootMAE),"
+        " over the whole patch (MAE), or none."
+    )
+    pixel_norm_eps: float = Field(1e-5, gt=0, description="Added to the variance in the norm.")
+    weighted_mask: bool = Field(
+        True, description="Weight masked patch k by 1 + avgpool3x3(mask)_k (official --weight_mask)."
+    )
+    feature_weight: float = Field(1.0, ge=0, description="lambda, the feature-loss weight.")
+    feature_ramp_fraction: float = Field(
+        0.25, ge=0, le=1, description="lambda ramps linearly from 0 to full over this fraction "
+        "of the epochs (official: 0.25); 0 = full weight from the start."
+    )
+    feature_norm_eps: float = Field(1e-6, gt=0, description="Eps of the affine-free LayerNorm.")
+
+
+class MomentumConfig(_Section):
+    """The teacher that provides feature targets."""
+
+    policy: Literal["ema", "frozen", "hard_copy", "ema_after_warmup"] = Field(
+        "ema", description="ema (BootMAE); frozen teacher from a file; hard copy every K epochs "
+        "(MAE-K); EMA that starts after a pixel-only warm-up."
+    )
+    start: float = Field(0.999, gt=0, lt=1, description="EMA momentum at epoch 0.")
+    mid: float = Field(0.9999, gt=0, lt=1, description="Momentum reached at mid_epoch.")
+    mid_epoch: int = Field(100, ge=1, description="Epoch where momentum reaches `mid`.")
+    dynamic: bool = Field(True, description="Go on from `mid` to `end` by end_epoch (ViT-B).")
+    end: float = Field(0.99999, gt=0, lt=1, description="Final momentum with `dynamic`.")
+    end_epoch: int = Field(400, ge=1, description="Epoch where momentum reaches `end`.")
+    target_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Dtype of the gathered target encoder (EMA state stays fp32)."
+    )
+    input_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of patches (sampled among the masked) fed to the "
+        "momentum encoder; the feature loss covers that subset (paper Table 5)."
+    )
+    teacher_path: str | None = Field(None, description="Exported encoder for policy=frozen.")
+    copy_every_epochs: int = Field(1, ge=1, description="K of policy=hard_copy.")
+    warmup_epochs: int = Field(0, ge=0, description="Pixel-only epochs of ema_after_warmup.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MomentumConfig":
+        if self.mid_epoch > self.end_epoch and self.dynamic:
+            _fail("momentum.end_epoch", self.end_epoch,
+                  f"must be >= momentum.mid_epoch={self.mid_epoch}")
+        if self.policy == "frozen" and not self.teacher_path:
+            _fail("momentum.teacher_path", None, "is required when momentum.policy='frozen'")
+        return self
+
+
+class OptimConfig(_Section):
+    """AdamW and the learning-rate numbers."""
+
+    base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; scaled by global/256.")
+    min_lr: float = Field(1e-4, ge=0, description="Cosine floor (absolute, not scaled).")
+    lr_batch_divisor: int = Field(256, ge=1, description="lr = base_lr * global_batch / this.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.05, ge=0, description="Weight decay at the start.")
+    weight_decay_end: float | None = Field(None, ge=0, description="Cosine end; null = constant.")
+    clip_grad: float | None = Field(None, gt=0, description="Max grad norm; null = no clipping.")
+    max_skipped_in_row: int = Field(
+        10, ge=1, description="Stop the run after this many non-finite steps in a row."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            _fail("optim.betas", self.betas, "each beta must be in [0, 1)")
+        return self
+
+
+class ScheduleConfig(_Section):
+    """Length of the run in epochs; schedules are pure functions of the global step."""
+
+    epochs: int = Field(800, ge=1, description="Total pre-training epochs.")
+    warmup_epochs: float = Field(40, ge=0, description="Linear lr warm-up epochs.")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Optimizer steps per epoch; null = dataset size // global batch."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.warmup_epochs > self.epochs:
+            _fail("schedule.warmup_epochs", self.warmup_epochs,
+                  f"must not exceed schedule.epochs={self.epochs}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# infrastructure
+# --------------------------------------------------------------------------------------------
+class DataConfig(_Section):
+    """Where images come from and how they are batched and augmented."""
+
+    train: str = Field(
+        "demo", description="'demo' (bundled digits shards), a manifest.json, a brace-expanded "
+        "shard URL list, an ImageFolder directory, or 'synthetic'."
+    )
+    num_samples: int | None = Field(
+        None, ge=1, description="Training images per epoch; null = from the manifest."
+    )
+    micro_batch_size: int = Field(256, ge=1, description="Images per device per forward.")
+    global_batch_size: int = Field(
+        4096, ge=1, description="Images per optimizer step over all devices; must equal "
+        "micro_batch_size x world_size x gradient accumulation."
+    )
+    num_workers: int = Field(10, ge=0, description="Loader worker processes per rank.")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop scale.")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop ratio.")
+    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="Resize filter.")
+    hflip: bool = Field(True, description="Random horizontal flip.")
+    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation mean.")
+    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
+    cache_dir: str | None = Field(None, description="Where the demo shards are built; null = "
+                                  "~/.cache/bootmae_ds.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            _fail("data.crop_scale", self.crop_scale, "needs 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            _fail("data.crop_ratio", self.crop_ratio, "needs 0 < low <= high")
+        if any(s <= 0 for s in self.std):
+            _fail("data.std", self.std, "every std must be positive")
+        if self.global_batch_size % self.micro_batch_size:
+            _fail("data.global_batch_size", self.global_batch_size,
+                  f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Accumulation steps for ``world_size`` ranks; raises if the batch does not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size}: must be a multiple of "
+                f"data.micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
+                f"set data.global_batch_size or data.micro_batch_size to fit {world_size} ranks"
+            )
+        return self.global_batch_size // per_step
+
+
+class CheckpointConfig(_Section):
+    """When and where checkpoints are written."""
+
+    every_steps: int = Field(1000, ge=1, description="Save every N optimizer steps (and at end).")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older are removed.")
+    dir: str | None = Field(None, description="Checkpoint directory; null = RUN/checkpoints.")
+
+
+class LoggingConfig(_Section):
+    """Console, metrics.jsonl and TensorBoard."""
+
+    every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events on rank 0.")
+    preview_every_steps: int = Field(1000, ge=1, description="Reconstruction grid every N steps.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Device matmul peak for MFU; null = known GPU table or none."
+    )
+
+
+class RunConfig(_Section):
+    """Identity, precision and reproducibility of the run."""
+
+    name: str = Field("bootmae", min_length=1, description="Run name (TensorBoard, logs).")
+    seed: int = Field(0, ge=0, description="Seed of everything random.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the model.")
+    activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
+
+
+class BootMAEConfig(_Section):
+    """The whole run: every knob of model, method and infrastructure."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
+    mask: MaskConfig = Field(default_factory=MaskConfig, description="Masking.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Losses.")
+    momentum: MomentumConfig = Field(default_factory=MomentumConfig, description="Teacher.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Schedules.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BootMAEConfig":
+        n = self.model.num_patches
+        if self.mask.num_masked >= n:
+            _fail("mask.num_masked", self.mask.num_masked,
+                  f"must be below the {n} patches of a {self.model.img_size}px image "
+                  f"with {self.model.patch_size}px patches")
+        fd = self.model.feature_decoder
+        if self.loss.feature_weight > 0 and not fd.enabled:
+            _fail("loss.feature_weight", self.loss.feature_weight,
+                  "must be 0 when model.feature_decoder.enabled is false")
+        if fd.enabled and self.loss.feature_weight == 0:
+            _fail("model.feature_decoder.enabled", True,
+                  "has no loss when loss.feature_weight=0; disable it or give it a weight")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.model.feature_decoder.enabled
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that define the model and method (not paths or logging)."""
+        keep = {k: v for k, v in self.model_dump(mode="json").items()
+                if k in ("model", "mask", "loss")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"config {str(source)!r}: no such preset or file; presets are "
+                f"{', '.join(available_presets())}, or pass a path to a .yaml file"
+            )
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)  # a preset name, or a YAML path relative to this file
+    if base is None:
+        return data
+    sibling = path.parent / str(base)
+    merged = _read_yaml(sibling if sibling.is_file() else str(base))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place (value parsed as YAML)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected dotted.key=value, e.g. optim.base_lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" or not field:
+            lines.append(f"  - {msg}")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"  - {field}: unknown field (check the spelling; see `bootmae-config "
+                         f"--describe`)")
+        else:
+            lines.append(f"  - {field}={e.get('input')!r}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any]) -> BootMAEConfig:
+    """Validate a plain dict into a ``BootMAEConfig`` or raise ``ConfigError``."""
+    try:
+        return BootMAEConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(source: str | Path = "vit_base_800ep", overrides: list[str] | None = None) -> BootMAEConfig:
+    """Load a preset name or YAML path, apply dotted overrides, validate."""
+    data = _read_yaml(source)
+    for override in overrides or []:
+        apply_override(data, override)
+    return build_config(data)
+
+
+def describe() -> str:
+    """Every field with its default and description, for `bootmae-config --describe`."""
+    out: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.append(f"{prefix}{name}: {field.description}")
+                walk(ann, f"{prefix}{name}.")
+            else:
+                default = field.get_default(call_default_factory=True)
+                out.append(f"  {prefix}{name} = {default!r}  # {field.description}")
+
+    walk(BootMAEConfig, "")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`bootmae-config [CONFIG] [--set k=v ...]`: print the resolved config or the field list."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("config", nargs="?", default="vit_base_800ep")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--describe", action="store_true", help="list every field")
+    args = parser.parse_args(argv)
+    if args.describe:
+        print(describe())
+        return 0
+    try:
+        print(load_config(args.config, args.set).to_yaml(), end="")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""Shared test fixtures: tiny configs of every model variant."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # for tests/official_reference.py
+
+from bootmae_ds.config import BootMAEConfig, load_config  # noqa: E402
+
+# Overrides that turn the demo preset into each variant the system supports.
+VARIANTS: dict[str, list[str]] = {
+    "bootmae": [],
+    "mae": [
+        "model.pixel_decoder.depth=8", "model.pixel_decoder.context=false",
+        "model.pixel_decoder.pos_embed_visible=true", "model.pixel_decoder.num_heads=2",
+        "model.feature_decoder.enabled=false", "loss.feature_weight=0", "mask.strategy=random",
+        "loss.pixel_norm=per_patch",
+    ],
+    "no_context": ["model.pixel_decoder.context=false", "model.feature_decoder.context=false"],
+    "middle_context": ["model.pixel_decoder.context_block=1", "model.feature_decoder.context_block=2"],
+    "wide_regressor": ["model.pixel_decoder.dim=128", "model.pixel_decoder.depth=1"],
+    "uneven_heads": ["model.pixel_decoder.dim=60", "model.num_heads=4", "model.pixel_decoder.num_heads=7"],
+    "deep_decoders": ["model.pixel_decoder.depth=4", "model.feature_decoder.depth=4"],
+    "drop_path": ["model.drop_path=0.1"],
+}
+
+
+def tiny_config(*overrides: str) -> BootMAEConfig:
+    """The demo preset (32 px, patch 4, 4 blocks, 96 wide) with overrides."""
+    return load_config("demo", list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
