@@ -123,15 +123,18 @@ class MaskGenerator:
         self, bits: int, limit: int, rng: random.Random, placed: list[tuple[int, int, int, int]] | None
     ) -> tuple[int, int]:
         """Add one rectangle adding between 1 and ``limit`` new patches; returns (bits, added)."""
+        rand = rng.random  # inlined uniform draws: same values as rng.uniform, fewer calls
+        lo, span = self.min_block, limit - self.min_block
+        aspect_lo, aspect_span = self.log_aspect[0], self.log_aspect[1] - self.log_aspect[0]
         for _ in range(_MAX_PROPOSALS):
-            area = rng.uniform(self.min_block, limit)
-            aspect = math.exp(rng.uniform(*self.log_aspect))
+            area = lo + span * rand()
+            aspect = math.exp(aspect_lo + aspect_span * rand())
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
             if w < self.width and h < self.height:
                 # int(random() * n) is a uniform draw in [0, n) at a third of randint's cost.
-                top = int(rng.random() * (self.height - h + 1))
-                left = int(rng.random() * (self.width - w + 1))
+                top = int(rand() * (self.height - h + 1))
+                left = int(rand() * (self.width - w + 1))
                 rect = _rectangle_bits(self.height, self.width, top, left, h, w)
                 added = (rect & ~bits).bit_count()
                 if 0 < added <= limit:
@@ -154,32 +157,31 @@ class MaskGenerator:
             count += added
         return bits
 
-    def _top_up(self, bits: int, rng: random.Random) -> int:
-        """Mask uniformly random unmasked patches until exactly ``num_masked`` are masked."""
-        missing = self.num_masked - bits.bit_count()
-        if missing > 0:
-            free = np.flatnonzero(~_unpack(bits, self.num_patches)).tolist()
-            for i in rng.sample(free, missing):
-                bits |= 1 << i
-        return bits
-
-    def bits(self, rng: random.Random | torch.Generator | int | None = None) -> int:
-        """One mask as a bit set (bit i set = patch i masked)."""
+    def sample(self, rng: random.Random | torch.Generator | int | None = None) -> np.ndarray:
+        """One mask as a NumPy bool array ``[N]`` (True = masked), exactly ``num_masked`` True."""
         rng = _as_random(rng)
         if self.strategy == "random":
-            bits = 0
-            for i in rng.sample(range(self.num_patches), self.num_masked):
-                bits |= 1 << i
-            return bits
-        return self._top_up(self.block_bits(rng), rng)
+            # Draw whichever side is smaller (the visible patches at 75% masking): same law.
+            if self.num_masked <= self.num_patches // 2:
+                mask = np.zeros(self.num_patches, dtype=np.bool_)
+                mask[rng.sample(range(self.num_patches), self.num_masked)] = True
+            else:
+                mask = np.ones(self.num_patches, dtype=np.bool_)
+                mask[rng.sample(range(self.num_patches), self.num_patches - self.num_masked)] = False
+            return mask
+        mask = _unpack(self.block_bits(rng), self.num_patches)
+        missing = self.num_masked - int(mask.sum())
+        if missing > 0:  # top up with uniformly random unmasked patches
+            mask[rng.sample(np.flatnonzero(~mask).tolist(), missing)] = True
+        return mask
 
     def __call__(self, rng: random.Random | torch.Generator | int | None = None) -> torch.Tensor:
-        """One mask ``[N]`` bool, True = masked, exactly ``num_masked`` True."""
-        return bits_to_mask(self.bits(rng), self.num_patches)
+        """One mask ``[N]`` bool tensor, True = masked, exactly ``num_masked`` True."""
+        return torch.from_numpy(self.sample(rng))
 
     def batch(
         self, batch_size: int, rng: random.Random | torch.Generator | int | None = None
     ) -> torch.Tensor:
         """``batch_size`` masks ``[B, N]`` from one RNG stream (same count in every row)."""
         rng = _as_random(rng)
-        return torch.stack([self(rng) for _ in range(batch_size)])
+        return torch.from_numpy(np.stack([self.sample(rng) for _ in range(batch_size)]))

@@ -1,0 +1,38 @@
+"""Config -> DeepSpeed JSON: batch sizes, accumulation, clipping and precision agree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bootmae_ds.config import ConfigError, load_config
+from bootmae_ds.ds_config import build_ds_config, resolve_precision
+
+
+def test_batch_sizes_accumulation_and_precision() -> None:
+    cfg = load_config("vit_base_800ep", ["optim.clip_grad=3.0"])
+    ds = build_ds_config(cfg, world_size=8, precision="bf16")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4096, 256, 2)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 8 * ds["gradient_accumulation_steps"]
+    assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["gradient_clipping"] == 3.0
+    fp32 = build_ds_config(load_config("demo"), world_size=2, precision="fp32")
+    assert "bf16" not in fp32 and fp32["gradient_accumulation_steps"] == 1 and fp32["gradient_clipping"] == 0.0
+    json.dumps(ds)
+
+
+def test_precision_auto_follows_the_accelerator() -> None:
+    cfg = load_config("demo")
+    assert resolve_precision(cfg, "cpu") == "fp32" and resolve_precision(cfg, "cuda") == "bf16"
+    assert resolve_precision(load_config("demo", ["run.precision=bf16"]), "cpu") == "bf16"
+
+
+def test_world_size_that_does_not_divide_and_broken_template(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="x 3"):
+        build_ds_config(load_config("demo"), world_size=3, precision="fp32")
+    (tmp_path / "zero2_fp32.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="zero2_fp32.json.*not valid JSON"):
+        build_ds_config(load_config("demo"), 1, "fp32", template_dir=tmp_path)
+    with pytest.raises(ConfigError, match="zero2_bf16.json.*missing"):
+        build_ds_config(load_config("demo"), 1, "bf16", template_dir=tmp_path)
