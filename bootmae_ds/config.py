@@ -65,9 +65,23 @@ class DecoderConfig(_Section):
     )
 
 
+# timm's ViT sizes: width, depth, heads.
+ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
 class ModelConfig(_Section):
     """Encoder size and the two decoders."""
 
+    size: Literal["tiny", "small", "base", "large", "huge"] | None = Field(
+        None, description="Shorthand for embed_dim/depth/num_heads of timm's ViT-Ti/S/B/L/H; "
+        "any of the three given explicitly wins (size then reads null)."
+    )
     img_size: int = Field(224, ge=8, description="Input image side in pixels.")
     patch_size: int = Field(16, ge=1, description="Patch side in pixels.")
     in_chans: int = Field(3, ge=1, description="Input channels.")
@@ -99,6 +113,16 @@ class ModelConfig(_Section):
     def resolve_block(self, index: int) -> int:
         """A (possibly negative) encoder block index as a non-negative one."""
         return index + self.depth if index < 0 else index
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("size") in ENCODER_SIZES:
+            width, depth, heads = ENCODER_SIZES[data["size"]]
+            data = {"embed_dim": width, "depth": depth, "num_heads": heads, **data}
+            if (data["embed_dim"], data["depth"], data["num_heads"]) != (width, depth, heads):
+                data["size"] = None  # explicit dims won: the name no longer describes the model
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -276,6 +300,14 @@ class DataConfig(_Section):
     std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
     cache_dir: str | None = Field(None, description="Where the demo shards are built; null = "
                                   "~/.cache/bootmae_ds.")
+    shuffle_buffer: int = Field(
+        1000, ge=1, description="Raw (encoded) samples each loader worker holds to shuffle its "
+        "stream; the sample order within a worker's share is a buffered shuffle of this size."
+    )
+    shard_url_template: str | None = Field(
+        None, description="How to open the shards a manifest lists, with {name} the shard file "
+        "name, e.g. 'pipe:aws s3 cp s3://bucket/train/{name} -'; null = beside the manifest."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -286,6 +318,8 @@ class DataConfig(_Section):
             _fail("data.crop_ratio", self.crop_ratio, "needs 0 < low <= high")
         if any(s <= 0 for s in self.std):
             _fail("data.std", self.std, "every std must be positive")
+        if self.shard_url_template is not None and "{name}" not in self.shard_url_template:
+            _fail("data.shard_url_template", self.shard_url_template, "must contain {name}")
         if self.global_batch_size % self.micro_batch_size:
             _fail("data.global_batch_size", self.global_batch_size,
                   f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")

@@ -21,7 +21,7 @@ def test_presets_all_validate() -> None:
 
 def test_base_preset_is_the_official_recipe_and_the_default() -> None:
     cfg = load_config("vit_base_800ep")
-    assert cfg.model.model_dump() == BootMAEConfig().model.model_dump()
+    assert cfg.model.model_dump(exclude={"size"}) == BootMAEConfig().model.model_dump(exclude={"size"})
     assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (768, 12, 12)
     assert cfg.model.num_patches == 196 and cfg.mask.num_masked == 147
     assert (cfg.mask.block_budget, cfg.mask.max_block_patches, cfg.mask.min_block_patches) == (120, 60, 16)
@@ -43,6 +43,13 @@ def test_large_and_mae_presets() -> None:
     mae = load_config("mae_base_800ep")
     assert not mae.model.feature_decoder.enabled and mae.model.pixel_decoder.depth == 8
     assert mae.mask.strategy == "random" and not mae.model.pixel_decoder.context
+
+
+def test_size_shorthand() -> None:
+    large = load_config("vit_base_800ep", ["model.size=large"]).model
+    assert (large.embed_dim, large.depth, large.num_heads, large.size) == (1024, 24, 16, "large")
+    custom = load_config("vit_base_800ep", ["model.size=small", "model.depth=6"]).model
+    assert (custom.embed_dim, custom.depth, custom.num_heads, custom.size) == (384, 6, 6, None)
 
 
 def test_dotted_overrides_parse_yaml_values() -> None:

@@ -40,10 +40,12 @@ def test_variant_forward_backward(variant) -> None:
             assert name.endswith("pos_embed"), name
 
 
-@pytest.mark.parametrize("size,timm_name", [("base", "vit_base_patch16_224"), ("large", "vit_large_patch16_224")])
-def test_encoder_parameter_count_matches_timm(size, timm_name) -> None:
-    cfg = load_config(f"vit_{size}_800ep")
-    m = cfg.model
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large", "huge"])
+def test_encoder_parameter_count_matches_timm(size) -> None:
+    m = load_config("vit_base_800ep", [f"model.size={size}"]).model
+    timm_name = f"vit_{size}_patch16_224" if size != "huge" else "vit_huge_patch14_224"
+    if size == "huge":
+        m = load_config("vit_base_800ep", ["model.size=huge", "model.patch_size=14"]).model
     with torch.device("meta"):
         ours = VisionTransformerEncoder(m.img_size, m.patch_size, 3, m.embed_dim, m.depth, m.num_heads)
         ref = timm.create_model(timm_name, pretrained=False, num_classes=0)

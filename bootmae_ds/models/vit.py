@@ -16,16 +16,6 @@ from torch.utils.checkpoint import checkpoint
 from .layers import Block
 from .pos_embed import sincos_2d
 
-# Encoder sizes by name (timm's ViT naming): width, depth, heads.
-ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
-
-
 @dataclass
 class EncoderOutput:
     """What the decoders consume; every tensor holds the cls token then the visible patches."""
