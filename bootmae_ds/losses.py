@@ -105,10 +105,20 @@ def feature_loss(
     weighted: bool,
     eps: float = 1e-6,
     grid: tuple[int, int] | None = None,
+    subset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Feature prediction loss over masked patches, both sides through an affine-free LayerNorm."""
+    """Feature prediction loss over masked patches, both sides through an affine-free LayerNorm.
+
+    With ``subset [B, K]`` (masked patch ids, paper Table 5) ``targets`` is ``[B, K, D]`` and
+    the loss covers those patches only, each keeping its weight from the full mask.
+    """
     D = features.shape[-1]
+    if subset is not None:
+        features = torch.gather(features, 1, subset.unsqueeze(-1).expand(-1, -1, D))
     pred = F.layer_norm(features.float(), (D,), eps=eps)
     target = F.layer_norm(targets.float(), (D,), eps=eps)
-    per_patch = (pred - target).pow(2).mean(dim=-1)  # [B, N]
-    return _weighted_mean(per_patch, mask, weighted, grid)
+    per_patch = (pred - target).pow(2).mean(dim=-1)  # [B, N] or [B, K]
+    if subset is None:
+        return _weighted_mean(per_patch, mask, weighted, grid)
+    w = torch.gather(mask_weights(mask, weighted, grid), 1, subset)
+    return (per_patch * w).sum() / subset.numel()

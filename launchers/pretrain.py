@@ -1,29 +1,30 @@
-"""Pre-train BootMAE.
+"""Pre-train BootMAE with DeepSpeed ZeRO-2.
 
-    python launchers/pretrain.py --config demo --output-dir runs/demo [--max-steps N] [--set k=v ...]
+    deepspeed --num_gpus 8 launchers/pretrain.py --config vit_base_800ep --output-dir runs/b800
+    python launchers/pretrain.py --config demo --output-dir runs/demo          # one process
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/pretrain.py --config demo --output-dir runs/demo
 
-Until the DeepSpeed ZeRO-2 engine lands, this validates and saves the run configuration and runs
-a single-process forward/loss smoke of it on the bundled digits; it says so when it runs.
+Exit status 75 means "preempted after saving a checkpoint": run the same command again.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bootmae_ds.config import ConfigError, load_config
-from bootmae_ds.smoke import run_smoke
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="BootMAE pre-training")
     parser.add_argument("--config", default="vit_base_800ep", help="preset name or YAML path")
     parser.add_argument("--output-dir", required=True, type=Path, help="run directory")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke runs)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
-    parser.add_argument("--resume", default="auto", help="auto | never | PATH")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help="set by the deepspeed launcher")
+    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint) | never | PATH")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
 
 
@@ -34,15 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(args.output_dir / "config.yaml")
-    print(cfg.to_yaml(), end="")
-    print("NOTE: the DeepSpeed pre-training engine is not built yet; running a single-process "
-          "forward/loss smoke of this config on the bundled digits instead.", flush=True)
-    history = run_smoke(cfg, args.output_dir, args.max_steps or 30)
-    first, last = history[0]["loss"], history[-1]["loss"]
-    print(f"[smoke] done: loss {first:.4f} -> {last:.4f}; config and smoke_metrics.jsonl in {args.output_dir}")
-    return 0
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if os.environ.get("RANK", "0") == "0":
+        print(cfg.to_yaml(), end="", flush=True)
+    from bootmae_ds.trainer import pretrain  # after validation: importing DeepSpeed takes seconds
+
+    return pretrain(cfg, args.output_dir, args.max_steps, args.resume)
 
 
 if __name__ == "__main__":

@@ -84,12 +84,13 @@ class VisionTransformerEncoder(nn.Module):
                 outputs[i] = x
         return EncoderOutput(z=self.norm(x), block_outputs=outputs)
 
-    def target_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Feature targets ``[B, N, D]``: last block output before the final norm, patches only."""
-        x = self._embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return x[:, 1:]
+    def target_features(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature targets ``[B, N, D]``: last block output before the final norm, patches only.
+
+        With ``ids [B, K]`` only the cls token and those patches are fed (paper Table 5's
+        momentum-input fraction) and ``[B, K, D]`` comes back.
+        """
+        return self.forward(images, ids, return_blocks=(self.depth - 1,)).block_outputs[self.depth - 1][:, 1:]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Full-image tokens after the final norm ``[B, 1+N, D]`` (fine-tuning, probing)."""

@@ -1,0 +1,133 @@
+"""The momentum encoder as a sharded, non-trainable replica of the online encoder.
+
+ZeRO-2 gives each data-parallel rank the fp32 master slice of every optimizer param group. The
+momentum encoder mirrors that layout: each rank keeps the fp32 EMA of exactly the encoder
+slices its optimizer owns (1/world_size of the encoder), updates it in place after every
+applied optimizer step, and all-gathers the slices (in bf16 by default) into one flat buffer
+per group whose views are the weights of a full target encoder used for the no-grad target
+forward. The fp32 EMA is never materialised whole on any rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ENCODER_PREFIX = "encoder."
+# torch >= 2.10 renamed the flat all-gather; keep working on older releases too.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one encoder parameter lives in a group's flat (padded) buffer."""
+
+    name: str  # name inside the encoder, e.g. "blocks.0.attn.qkv.weight"
+    group: int  # index among the momentum groups
+    offset: int
+    shape: tuple[int, ...]
+
+
+class ShardedMomentumEncoder:
+    """EMA of the encoder's ZeRO-2 fp32 partitions plus a gathered target encoder."""
+
+    def __init__(self, engine: Any, target: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        zero = engine.optimizer
+        self.zero = zero
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.dtype = dtype
+        names = {p: n for n, p in engine.module.named_parameters()}
+        groups = [i for i, g in enumerate(zero.optimizer.param_groups) if g["name"].startswith("encoder")]
+        if not groups:
+            raise RuntimeError("no encoder param groups in the optimizer: build it with bootmae_ds.optim")
+        self.group_ids = groups
+        self.ema = [zero.single_partition_of_fp32_groups[g].detach().clone() for g in groups]
+        self.partition_sizes = [e.numel() for e in self.ema]
+        device = self.ema[0].device
+        self.buffers = [torch.empty(self.world_size * n, dtype=dtype, device=device) for n in self.partition_sizes]
+        self.slots: list[ParamSlot] = []
+        for k, g in enumerate(groups):
+            flat = zero.bit16_groups_flat[g]
+            for p in zero.bit16_groups[g]:
+                offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+                self.slots.append(ParamSlot(names[p][len(ENCODER_PREFIX):], k, offset, tuple(p.shape)))
+        self.target = target.to(device=device).requires_grad_(False).eval()
+        self._bind_target(engine.module)
+        self.gather()
+
+    def _bind_target(self, module: nn.Module) -> None:
+        """Point the target's trainable weights into the gathered buffers; copy frozen ones."""
+        own = dict(self.target.named_parameters())
+        bound = set()
+        for slot in self.slots:
+            numel = int(torch.Size(slot.shape).numel())
+            own[slot.name].data = self.buffers[slot.group][slot.offset: slot.offset + numel].view(slot.shape)
+            bound.add(slot.name)
+        for name, param in module.named_parameters():
+            if name.startswith(ENCODER_PREFIX) and not param.requires_grad:
+                short = name[len(ENCODER_PREFIX):]
+                own[short].data = param.detach().to(self.dtype).clone()
+                bound.add(short)
+        missing = set(own) - bound
+        if missing:
+            raise RuntimeError(f"target encoder parameters without a source: {sorted(missing)}")
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        """``ema = momentum * ema + (1 - momentum) * online`` on this rank's slices, in fp32."""
+        if momentum >= 1.0:
+            return
+        online = [self.zero.single_partition_of_fp32_groups[g] for g in self.group_ids]
+        torch._foreach_lerp_(self.ema, online, 1.0 - momentum)
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """All-gather every rank's EMA slices into the target encoder's weights."""
+        for ema, buf in zip(self.ema, self.buffers):
+            _all_gather_flat(buf, ema.to(self.dtype))
+
+    @property
+    def local_bytes(self) -> int:
+        """Bytes of fp32 EMA state held by this rank."""
+        return sum(e.numel() * e.element_size() for e in self.ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard, with the layout needed to consolidate shards offline."""
+        return {
+            "ema": [e.detach().cpu().clone() for e in self.ema],
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "partition_sizes": self.partition_sizes,
+            "slots": [(s.name, s.group, s.offset, s.shape) for s in self.slots],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world_size or state["partition_sizes"] != self.partition_sizes:
+            raise ValueError(
+                f"momentum shard from world size {state['world_size']} (partitions "
+                f"{state['partition_sizes']}) cannot load into world size {self.world_size} "
+                f"(partitions {self.partition_sizes}); consolidate it with "
+                f"bootmae_ds.momentum.consolidate_shards"
+            )
+        for ema, saved in zip(self.ema, state["ema"]):
+            ema.copy_(saved.to(ema.device))
+        self.gather()
+
+
+def consolidate_shards(shards: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Join per-rank momentum shards (any world size) into a full fp32 encoder state dict."""
+    shards = sorted(shards, key=lambda s: s["rank"])
+    world = shards[0]["world_size"]
+    if [s["rank"] for s in shards] != list(range(world)):
+        raise ValueError(f"need the shards of all {world} ranks, got ranks {[s['rank'] for s in shards]}")
+    flats = [torch.cat([s["ema"][g] for s in shards]) for g in range(len(shards[0]["ema"]))]
+    out = {}
+    for name, group, offset, shape in shards[0]["slots"]:
+        numel = int(torch.Size(shape).numel())
+        out[name] = flats[group][offset: offset + numel].view(shape).clone()
+    return out

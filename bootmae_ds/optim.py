@@ -1,0 +1,51 @@
+"""AdamW with weight-decay groups, split by encoder/decoder so the momentum encoder can shadow
+exactly the encoder's ZeRO partitions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import BootMAEConfig
+
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norms (1-D), position embeddings, cls and mask tokens are not decayed."""
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Up to four groups: {encoder, decoders} x {decay, no decay}, trainable params only.
+
+    Each group carries ``name`` and ``apply_decay``; the trainer sets ``lr`` and
+    ``weight_decay`` on every group every step.
+    """
+    buckets: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "encoder" if name.startswith("encoder.") else "decoder"
+        kind = "no_decay" if _no_decay(name, param) else "decay"
+        buckets.setdefault(f"{part}_{kind}", []).append(param)
+    order = ["encoder_decay", "encoder_no_decay", "decoder_decay", "decoder_no_decay"]
+    return [
+        {"params": buckets[k], "name": k, "apply_decay": not k.endswith("no_decay"),
+         "weight_decay": 0.0}
+        for k in order if k in buckets
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: BootMAEConfig, device_type: str) -> torch.optim.Optimizer:
+    """torch AdamW (fused kernels on CUDA, foreach elsewhere) handed to DeepSpeed as a client optimizer."""
+    o = cfg.optim
+    kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model), lr=o.base_lr, betas=o.betas, eps=o.eps, **kwargs)
+
+
+def set_hyperparameters(optimizer, lr: float, weight_decay: float) -> None:
+    """Write this step's lr and weight decay into every param group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if group.get("apply_decay") else 0.0

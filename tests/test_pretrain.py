@@ -1,0 +1,133 @@
+"""The pre-training engine end to end: real deepspeed CPU ranks, ZeRO-2, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from distributed import ROOT, cpu_env, deepspeed_cmd, run
+
+TINY = ["model.depth=2", "model.feature_decoder.context_block=1", "data.micro_batch_size=8",
+        "data.num_workers=1", "logging.every_steps=1", "checkpoint.every_steps=1000"]
+
+
+def _args(out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--config", "demo", "--output-dir", str(out), "--max-steps", str(steps), "--set", *TINY, *extra]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _states(tag_dir: Path) -> dict[str, object]:
+    out = {}
+    for f in sorted(tag_dir.glob("*.pt")):
+        out[f.name] = torch.load(f, map_location="cpu", weights_only=False)
+    return out
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k not in ("ds_config", "ds_version", "mp_world_size"):  # provenance, not state
+                _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact_with_two_ranks_and_accumulation(tmp_path, precision) -> None:
+    extra = ["data.global_batch_size=32", f"run.precision={precision}"]  # 2 ranks x 8 x accum 2
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out, steps in ((straight, 6), (split, 3), (split, 6)):
+        proc = run(deepspeed_cmd("launchers/pretrain.py", *_args(out, steps, *extra)))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
+    ds = json.loads((straight / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    assert ("bf16" in ds) == (precision == "bf16")
+    a, b = _metrics(straight), _metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_pixel", "loss_feature", "lr", "momentum", "grad_norm"):
+            assert ra[key] == rb[key], (ra["step"], key)  # bitwise, not approximately
+    assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    _assert_same(_states(straight / "checkpoints" / "step_00000006"),
+                 _states(split / "checkpoints" / "step_00000006"))
+    assert (straight / "config.yaml").is_file() and (straight / "tensorboard").is_dir()
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_and_resumes(tmp_path) -> None:
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd("launchers/pretrain.py", *_args(out, 400, "data.global_batch_size=16"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (
+                (out / "metrics.jsonl").exists() and len(_metrics(out)) >= 3):
+            time.sleep(0.5)
+        trainers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "--local_rank" in " ".join(p.cmdline())]  # ranks and their data workers
+        ranks = [p for p in trainers if p.ppid() not in {t.pid for t in trainers}]  # not data workers
+        assert len(ranks) == 2
+        for p in ranks:
+            p.send_signal(signal.SIGUSR1)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "preempted: checkpoint saved at step" in log
+    saved = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 3 <= saved < 400 and (out / "checkpoints" / f"step_{saved:08d}" / "manifest.json").is_file()
+    assert _metrics(out)[-1]["step"] == saved
+    resumed = run(deepspeed_cmd("launchers/pretrain.py", *_args(out, saved + 2, "data.global_batch_size=16")))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{saved:08d}'}" in resumed.stdout
+    steps = [r["step"] for r in _metrics(out)]
+    assert steps[-3:] == [saved, saved + 1, saved + 2]
+
+
+def test_single_process_run_and_refusals(tmp_path) -> None:
+    out = tmp_path / "run"
+    env = cpu_env()
+    first = run(["python", "launchers/pretrain.py", *_args(out, 2, "data.global_batch_size=16")], env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["samples_per_s"] > 0 for r in rows)
+    # a checkpoint from another model config is refused, naming the file and the fields
+    other = run(["python", "launchers/pretrain.py", *_args(out, 3, "data.global_batch_size=16", "model.depth=3")],
+                env=env)
+    assert other.returncode != 0 and "model.depth: 2 -> 3" in other.stdout + other.stderr
+    # a truncated checkpoint file is refused by name; nothing is deleted
+    tag = out / "checkpoints" / "step_00000002"
+    victim = tag / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    files_before = sorted(p.name for p in tag.iterdir())
+    broken = run(["python", "launchers/pretrain.py", *_args(out, 3, "data.global_batch_size=16")], env=env)
+    assert broken.returncode != 0 and "mp_rank_00_model_states.pt: truncated" in broken.stdout + broken.stderr
+    assert sorted(p.name for p in tag.iterdir()) == files_before
+
+
+def test_nonfinite_losses_stop_the_run(tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = run(["python", "launchers/pretrain.py",
+                *_args(out, 20, "data.global_batch_size=16", "optim.base_lr=1e30", "schedule.warmup_epochs=0",
+                       "optim.max_skipped_in_row=2")])
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "non-finite" in proc.stdout
+    rows = _metrics(out)
+    assert rows[-1]["skipped_steps"] == 3 and len(rows) < 20
