@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -59,6 +60,7 @@ class StepStats:
     feature: float = 0.0
     corrupt: int = 0
     data_wait: float = 0.0
+    ema: float = 0.0
     micro: int = 0
     last: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -209,6 +211,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
+        if self.state.step >= self.total_steps and self.info.is_main:
+            print(f"nothing to do: the run is at step {self.state.step} of {self.total_steps}", flush=True)
         skipped_in_row = 0
         stats = StepStats()
         step_start = time.perf_counter()
@@ -226,9 +230,11 @@ class Trainer:
                     wait_start = time.perf_counter()
                     continue  # inside gradient accumulation
                 applied = self.engine.was_step_applied()
+                ema_start = time.perf_counter()
                 if applied and self.momentum is not None:
                     self.momentum.update(self.schedules.momentum(step))
                     self.momentum.gather()
+                stats.ema = time.perf_counter() - ema_start
                 self.state.step += 1
                 self.state.samples += self.cfg.data.global_batch_size
                 self.state.data = self.loader.state_dict()
@@ -287,12 +293,17 @@ class Trainer:
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
             "samples_per_s": rate, "samples_per_s_per_device": rate / world,
-            "data_wait_s": stats.data_wait, "corrupt_samples": int(sums[3].item()),
+            "step_time_s": elapsed, "data_wait_s": stats.data_wait, "ema_update_s": stats.ema,
+            "corrupt_samples": int(sums[3].item()),
         }
         if self.peak:
             row["mfu"] = rate / world * self.flops / (self.peak * 1e12)
         if self.device.type == "cuda":
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            row["memory_gb"] = psutil.Process().memory_info().rss / 2**30
+        if self.momentum is not None and hasattr(self.momentum, "local_bytes"):
+            row["ema_bytes_per_rank"] = self.momentum.local_bytes
         self.metrics.log(self.state.step, row)
         if self.info.is_main and stats.last and self.state.step % self.cfg.logging.preview_every_steps == 0:
             last = stats.last

@@ -131,3 +131,41 @@ def test_nonfinite_losses_stop_the_run(tmp_path) -> None:
     assert "non-finite" in proc.stdout
     rows = _metrics(out)
     assert rows[-1]["skipped_steps"] == 3 and len(rows) < 20
+
+
+def test_bad_config_fails_before_any_work(tmp_path) -> None:
+    proc = run(["python", "launchers/pretrain.py", "--config", "demo", "--output-dir", str(tmp_path / "r"),
+                "--set", "mask.num_masked=70"])
+    assert proc.returncode == 2 and "mask.num_masked=70" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_world_size_change_is_refused_with_the_fix(tmp_path) -> None:
+    out = tmp_path / "run"
+    assert run(["python", "launchers/pretrain.py", *_args(out, 1, "data.global_batch_size=16")]).returncode == 0
+    proc = run(deepspeed_cmd("launchers/pretrain.py", *_args(out, 2, "data.global_batch_size=16")))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "saved by 1 ranks, resuming with 2" in text and "ds_to_universal" in text
+
+
+def test_frozen_teacher_and_momentum_input_fraction(tmp_path) -> None:
+    from bootmae_ds.config import load_config
+    from bootmae_ds.models import build_model
+    from safetensors.torch import save_file
+
+    cfg = load_config("demo", TINY)
+    teacher = build_model(cfg).encoder.state_dict()
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.items()}, str(path))
+    for name, extra in (("frozen", ["momentum.policy=frozen", f"momentum.teacher_path={path}"]),
+                        ("fraction", ["momentum.input_fraction=0.25"])):
+        out = tmp_path / name
+        proc = run(["python", "launchers/pretrain.py", *_args(out, 2, "data.global_batch_size=16", *extra)])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows = _metrics(out)
+        assert len(rows) == 2 and all(r["loss_feature"] > 0 for r in rows)
+    bad = run(["python", "launchers/pretrain.py",
+               *_args(tmp_path / "bad", 2, "data.global_batch_size=16", "momentum.policy=frozen",
+                      f"momentum.teacher_path={tmp_path / 'missing.safetensors'}")])
+    assert bad.returncode != 0 and "missing.safetensors" in bad.stdout + bad.stderr
