@@ -1,8 +1,13 @@
 """One distributed set-up for every launcher: read the environment, initialise, describe.
 
-``deepspeed`` and ``torchrun`` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT; a plain ``python`` start exports none of them and is a world of one. A partial
-set is an error, never a silent fallback to world size 1.
+- ``deepspeed`` and ``torchrun`` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+- ``srun`` (one task per device, ``launchers/slurm/pretrain.sbatch``) exports SLURM_PROCID /
+  SLURM_NTASKS / SLURM_LOCALID; the master is the first host of the job's node list and the
+  port is derived from the job id unless MASTER_ADDR / MASTER_PORT are exported.
+- A plain ``python`` start exports none of them and is a world of one.
+
+Anything in between (a partial set, an sbatch script that forgot ``srun``) is an error, never a
+silent fallback to world size 1.
 """
 
 from __future__ import annotations
@@ -41,29 +46,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu-[07-09,12],cpu1`` -> ``gpu-07``."""
+    first = nodelist.strip()
+    depth = 0
+    for i, ch in enumerate(first):  # cut at the first top-level comma
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            first = first[:i]
+            break
+    if "[" not in first:
+        return first
+    prefix, rest = first.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_port(job_id: str) -> int:
+    """A port that differs between concurrent jobs (20000-39999, from the job id)."""
+    return 20000 + int(job_id) % 20000
+
+
+def _from_slurm(env: dict[str, str]) -> dict[str, str]:
+    if "SLURM_STEP_ID" not in env:
+        raise DistributedSetupError(
+            f"inside a SLURM allocation of {env['SLURM_NTASKS']} tasks but not in an srun step; "
+            f"start the training with srun, one task per device (launchers/slurm/pretrain.sbatch)")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if "MASTER_ADDR" not in env and not nodelist:
+        raise DistributedSetupError("srun task without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master")
+    if "MASTER_PORT" not in env and "SLURM_JOB_ID" not in env:
+        raise DistributedSetupError("srun task without SLURM_JOB_ID or MASTER_PORT: cannot choose a port")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(env["SLURM_JOB_ID"])),
+    }
+
+
 def resolve_env(env: dict[str, str]) -> dict[str, str]:
-    """The torch.distributed variables for ``env``: as given, or a single local process."""
+    """The torch.distributed variables for ``env`` (see the module docstring)."""
     present = [k for k in REQUIRED if k in env]
-    if not present:
-        ntasks = int(env.get("SLURM_NTASKS", "1"))
-        if ntasks > 1:
-            raise DistributedSetupError(
-                f"SLURM started {ntasks} tasks but none has RANK/WORLD_SIZE set; start one "
-                f"`deepspeed` node launcher per node (launchers/slurm/) or use torchrun"
-            )
-        return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    missing = [k for k in REQUIRED if k not in env]
-    if missing:
+    if len(present) == len(REQUIRED):
+        out = {k: env[k] for k in REQUIRED}
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in env:
+        out = _from_slurm(env)
+    elif present:
+        missing = [k for k in REQUIRED if k not in env]
         raise DistributedSetupError(
             f"distributed environment is incomplete: {', '.join(present)} set but "
-            f"{', '.join(missing)} missing; launch with `deepspeed` or `torchrun`, which set all of them"
-        )
-    world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
-    if not 0 <= rank < world:
-        raise DistributedSetupError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    out = {k: env[k] for k in REQUIRED}
-    out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+            f"{', '.join(missing)} missing; launch with `deepspeed`, `torchrun` or srun, which set all of them")
+    else:
+        return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    world, rank, local = int(out["WORLD_SIZE"]), int(out["RANK"]), int(out["LOCAL_RANK"])
+    if not 0 <= rank < world or local < 0:
+        raise DistributedSetupError(f"RANK={rank} / LOCAL_RANK={local} do not fit WORLD_SIZE={world}")
     return out
 
 

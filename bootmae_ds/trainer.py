@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,9 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"[rank {self.info.rank}/{self.info.world_size}] local rank {self.info.local_rank} on {node}, "
+              f"device {self.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
         torch.manual_seed(cfg.run.seed)

@@ -1,0 +1,106 @@
+"""Multi-node launch for real: a two-node SLURM cluster on this machine (Debian's slurm-wlm, two
+slurmd daemons) and two `deepspeed --no_ssh` node launchers, each with one CPU rank per node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed import ROOT, cpu_env, deepspeed_cmd, free_port, run
+
+SLURM = ROOT / "tests" / "slurm"
+TINY = ["model.depth=2", "model.feature_decoder.context_block=1", "data.num_workers=1", "logging.every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Start the cluster for this module and always stop it (no daemon is left behind)."""
+    state = Path(tempfile.mkdtemp(prefix="bootmae-slurm-"))
+    env = cpu_env(SLURM_LOCAL_DIR=str(state), SLURM_LOCAL_PORT=str(17000 + os.getpid() % 1000))
+    try:
+        started = subprocess.run(["bash", str(SLURM / "start.sh")], env=env, capture_output=True, text=True, timeout=600)
+        assert started.returncode == 0, started.stdout + started.stderr
+        env["SLURM_CONF"] = str(state / "slurm.conf")
+        yield env
+    finally:
+        subprocess.run(["bash", str(SLURM / "stop.sh")], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _sbatch(env: dict, out: Path, run_dir: Path, *args: str, wait: bool) -> subprocess.CompletedProcess:
+    cmd = ["sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--partition=debug", "--time=15", f"--output={out}/job-%j.out",
+           f"--export=ALL,DS_ACCELERATOR=cpu,RUN_DIR={run_dir}"]
+    if wait:
+        cmd.append("--wait")
+    return subprocess.run([*cmd, "launchers/slurm/pretrain.sbatch", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_two_nodes_join_one_world(cluster, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    job = _sbatch(cluster, tmp_path, run_dir, "--config", "demo", "--max-steps", "3", "--set", *TINY,
+                  "data.micro_batch_size=8", "data.global_batch_size=16", wait=True)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert job.returncode == 0, log[-3000:]
+    assert "[rank 0/2] local rank 0 on node1" in log and "[rank 1/2] local rank 0 on node2" in log
+    assert [r["step"] for r in _steps(run_dir)] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    assert "[sbatch] training finished" in log and "requeue" not in log.split("run dir")[-1]
+
+
+@pytest.mark.slow
+def test_preemption_requeues_and_resumes_exactly(cluster, tmp_path) -> None:
+    args = ["--config", "demo", "--max-steps", "30", "--set", *TINY,
+            "data.micro_batch_size=32", "data.global_batch_size=64"]
+    run_dir = tmp_path / "run"
+    job_id = _sbatch(cluster, tmp_path, run_dir, *args, wait=False).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_steps(run_dir)) < 3:
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=cluster, check=True)
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job_id], env=cluster,
+                                                    capture_output=True, text=True).stdout.strip():
+        time.sleep(1)
+    log = (tmp_path / f"job-{job_id}.out").read_text()
+    assert "preempted: checkpoint saved at step" in log, log[-3000:]
+    saved = int(log.split("preempted: checkpoint saved at step ")[1].split(";")[0])
+    assert "requeueing job" in log and "restart 1" in log
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in log
+    assert log.rstrip().endswith("[sbatch] training finished")
+    interrupted = _steps(run_dir)
+    assert [r["step"] for r in interrupted] == list(range(1, 31))
+    # the same settings without interruption, launched by deepspeed: identical losses, step for step
+    ref_dir = tmp_path / "reference"
+    ref = run(deepspeed_cmd("launchers/pretrain.py", "--output-dir", str(ref_dir), *args))
+    assert ref.returncode == 0, ref.stdout[-2000:]
+    for a, b in zip(interrupted, _steps(ref_dir)):
+        assert (a["step"], a["loss"], a["loss_feature"]) == (b["step"], b["loss"], b["loss_feature"])
+
+
+@pytest.mark.slow
+def test_two_node_launchers_without_a_scheduler(tmp_path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        ["python", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
+         "--master_addr", "127.0.0.1", "--master_port", port, "launchers/pretrain.py", "--config", "demo",
+         "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--set", *TINY,
+         "data.micro_batch_size=8", "data.global_batch_size=16"],
+        cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "[rank 0/2]" in logs[0] and "[rank 1/2]" in logs[1]
+    assert [r["step"] for r in _steps(tmp_path / "run")] == [1, 2, 3]
