@@ -20,6 +20,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch.distributed as dist
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TAG_PREFIX = "step_"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 class CheckpointError(RuntimeError):
@@ -113,6 +116,7 @@ def save_checkpoint(engine, momentum, ckpt_dir: Path, step: int, run_state: dict
         _write_atomic(ckpt_dir / LATEST, tag + "\n")
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
     dist.barrier()
     return tag_dir
 
@@ -132,8 +136,10 @@ def find_resume_dir(ckpt_dir: Path, resume: str) -> Path | None:
     return tags[-1] if tags else None
 
 
-def validate_checkpoint(tag_dir: Path, config: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Check a checkpoint before loading: files whole, same model/method, same world size."""
+def validate_checkpoint(tag_dir: Path, config: dict[str, Any], world_size: int,
+                        allow_resize: bool = False) -> dict[str, Any]:
+    """Check a checkpoint before loading: files whole, same model/method, same world size
+    (unless ``allow_resize``)."""
     try:
         manifest = json.loads((tag_dir / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -152,26 +158,62 @@ def validate_checkpoint(tag_dir: Path, config: dict[str, Any], world_size: int) 
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:10])
         raise CheckpointError(f"{tag_dir}: saved with a different model/method config ({details}); "
                               f"resume with the run's config.yaml or start a new output directory")
-    if manifest["world_size"] != world_size:
+    if manifest["world_size"] != world_size and not allow_resize:
         raise CheckpointError(
-            f"{tag_dir}: saved by {manifest['world_size']} ranks, resuming with {world_size}; "
-            f"convert it with `python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} "
-            f"--output_folder {tag_dir}_universal --inject_missing_state` or relaunch with "
-            f"{manifest['world_size']} ranks")
+            f"{tag_dir}: saved by {manifest['world_size']} ranks, resuming with {world_size}; relaunch "
+            f"with {manifest['world_size']} ranks, or add `--set checkpoint.allow_resize=true` to convert "
+            f"it to DeepSpeed's universal format (python -m deepspeed.checkpoint.ds_to_universal) and "
+            f"continue from the next epoch boundary of the data")
     return manifest
 
 
-def load_checkpoint(engine, momentum, tag_dir: Path) -> dict[str, Any]:
-    """Restore engine, momentum shards and RNG; returns the saved run state."""
-    rank = dist.get_rank()
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+
+
+def ensure_universal(tag_dir: Path) -> Path:
+    """Convert ``tag_dir`` to DeepSpeed's universal format once (rank 0), atomically."""
+    out = universal_dir(tag_dir)
+    if dist.get_rank() == 0 and not (out / "mp_rank_00_model_states.pt").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"converting {tag_dir} to the universal format in {out}", flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+             "--output_folder", str(tmp), "--inject_missing_state"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"{tag_dir}: universal conversion failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def load_checkpoint(engine, momentum, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Restore engine, momentum shards and RNG; returns the saved run state.
+
+    When the world size changed, the engine loads the universal conversion of ``tag_dir``, the
+    momentum encoder is consolidated from all old shards and re-sliced, and the RNG is left as
+    seeded (per-rank streams of another world size do not carry over).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    resized = manifest["world_size"] != world
+    source = universal_dir(tag_dir) if resized else tag_dir
     try:
-        _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+        _, client = engine.load_checkpoint(str(source.parent), tag=source.name,
                                            load_optimizer_states=True, load_lr_scheduler_states=False)
     except Exception as err:  # DeepSpeed raises many types; the file name is what users need
-        raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{source}: DeepSpeed could not load it ({type(err).__name__}: {err})") from err
     if client is None:
-        raise CheckpointError(f"{tag_dir}: DeepSpeed found no checkpoint to load there")
+        raise CheckpointError(f"{source}: DeepSpeed found no checkpoint to load there")
     if momentum is not None:
-        momentum.load_state_dict(torch.load(tag_dir / f"momentum_rank{rank}.pt", map_location="cpu"))
-    set_rng_state(torch.load(tag_dir / f"rank_state_{rank}.pt", map_location="cpu", weights_only=False))
+        if resized:
+            from .momentum import consolidate_shards
+
+            shards = [torch.load(tag_dir / f"momentum_rank{r}.pt", map_location="cpu")
+                      for r in range(manifest["world_size"])]
+            momentum.load_full(consolidate_shards(shards))
+        else:
+            momentum.load_state_dict(torch.load(tag_dir / f"momentum_rank{rank}.pt", map_location="cpu"))
+    if not resized:
+        set_rng_state(torch.load(tag_dir / f"rank_state_{rank}.pt", map_location="cpu", weights_only=False))
     return client["run_state"]

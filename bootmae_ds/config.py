@@ -343,6 +343,10 @@ class CheckpointConfig(_Section):
     every_steps: int = Field(1000, ge=1, description="Save every N optimizer steps (and at end).")
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older are removed.")
     dir: str | None = Field(None, description="Checkpoint directory; null = RUN/checkpoints.")
+    allow_resize: bool = Field(
+        False, description="Resume a checkpoint saved by another world size through DeepSpeed's "
+        "universal format; the data stream restarts at the next epoch boundary."
+    )
 
 
 class LoggingConfig(_Section):

@@ -118,6 +118,20 @@ class ShardedMomentumEncoder:
             ema.copy_(saved.to(ema.device))
         self.gather()
 
+    @torch.no_grad()
+    def load_full(self, encoder_state: dict[str, torch.Tensor]) -> None:
+        """Take this rank's slices of a full fp32 encoder EMA (resharding to a new world size)."""
+        missing = {s.name for s in self.slots} - set(encoder_state)
+        if missing:
+            raise ValueError(f"full momentum state lacks {sorted(missing)}")
+        for k, (ema, size) in enumerate(zip(self.ema, self.partition_sizes)):
+            flat = torch.zeros(self.world_size * size, dtype=torch.float32)
+            for s in (s for s in self.slots if s.group == k):
+                value = encoder_state[s.name].float().reshape(-1)
+                flat[s.offset: s.offset + value.numel()] = value
+            ema.copy_(flat[self.rank * size: (self.rank + 1) * size].to(ema.device))
+        self.gather()
+
 
 def consolidate_shards(shards: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Join per-rank momentum shards (any world size) into a full fp32 encoder state dict."""

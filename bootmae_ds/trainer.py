@@ -124,12 +124,23 @@ class Trainer:
         self.model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
         teacher = copy.deepcopy(self.model.encoder) if cfg.uses_teacher else None
         optimizer = build_optimizer(self.model, cfg, self.device.type)
+        resume_dir, manifest = self._find_resume(resume)
+        resized = manifest is not None and manifest["world_size"] != self.info.world_size
+        if resized:
+            ckpt.ensure_universal(resume_dir)
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
         self.momentum = self._build_teacher(teacher)
         self.state = RunState()
-        self._resume(resume)
+        if resume_dir is not None:
+            self.state = RunState(**ckpt.load_checkpoint(self.engine, self.momentum, resume_dir, manifest))
+            if self.info.is_main:
+                how = f" (resized from {manifest['world_size']} ranks)" if resized else ""
+                print(f"resumed from {resume_dir} at step {self.state.step}{how}", flush=True)
         self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,
-                                         state=self.state.data)
+                                         state=None if resized else self.state.data)
+        if resized and self.state.data:  # the sample layout changed: continue at an epoch boundary
+            self.loader.epoch = self.state.data["epoch"] + (1 if self.state.data["batches"] else 0)
         steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         self.schedules = Schedules(cfg, steps_per_epoch)
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
@@ -158,17 +169,16 @@ class Trainer:
             return _FrozenTeacher(teacher.to(self.device, dtype))
         return ShardedMomentumEncoder(self.engine, teacher, dtype)
 
-    def _resume(self, resume: str) -> None:
+    def _find_resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume (rank 0 decides, all ranks load the same one) and its manifest."""
         choice = [str(ckpt.find_resume_dir(self.ckpt_dir, resume) or "")] if self.info.is_main else [None]
-        dist.broadcast_object_list(choice, src=0)  # rank 0 decides, so all ranks load the same one
+        dist.broadcast_object_list(choice, src=0)
         if not choice[0]:
-            return
+            return None, None
         tag_dir = Path(choice[0])
-        ckpt.validate_checkpoint(tag_dir, self._fingerprint_config(), self.info.world_size)
-        saved = ckpt.load_checkpoint(self.engine, self.momentum, tag_dir)
-        self.state = RunState(**saved)
-        if self.info.is_main:
-            print(f"resumed from {tag_dir} at step {self.state.step}", flush=True)
+        manifest = ckpt.validate_checkpoint(tag_dir, self._fingerprint_config(), self.info.world_size,
+                                            allow_resize=self.cfg.checkpoint.allow_resize)
+        return tag_dir, manifest
 
     def _fingerprint_config(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
