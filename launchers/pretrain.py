@@ -39,9 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if os.environ.get("RANK", "0") == "0":
         print(cfg.to_yaml(), end="", flush=True)
-    from bootmae_ds.trainer import pretrain  # after validation: importing DeepSpeed takes seconds
+    # Imported after validation: DeepSpeed takes seconds to import.
+    from bootmae_ds.checkpoint import CheckpointError
+    from bootmae_ds.data.shards import ShardError
+    from bootmae_ds.dist import DistributedSetupError
+    from bootmae_ds.trainer import pretrain
 
-    return pretrain(cfg, args.output_dir, args.max_steps, args.resume)
+    try:
+        return pretrain(cfg, args.output_dir, args.max_steps, args.resume)
+    except (CheckpointError, ConfigError, DistributedSetupError, ShardError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":
