@@ -1,0 +1,314 @@
+"""The training data loader: streaming, equal batches on every rank, exact mid-epoch resume.
+
+Public entry point::
+
+    loader = build_train_loader(cfg, rank=rank, world_size=world_size, state=ckpt.get("data"))
+    for batch in loader:          # one epoch, from the saved position to its end
+        ...                       # then loader.epoch += 1 happens by itself
+        ckpt["data"] = loader.state_dict()
+
+Each micro-batch is a dict:
+  ``images`` uint8 [B, 3, S, S] (not normalised), ``masks`` bool [B, N] (True = masked),
+  ``labels`` int64 [B], ``keys`` list[str] (B sample keys), ``corrupt`` int (samples of this
+  batch that were unreadable and replaced by another sample of the same batch, re-augmented),
+  ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank).
+
+State (``state_dict()``): ``{"epoch", "batches", "world_size", "num_workers", "micro_batch_size",
+"num_samples", "seed"}``; ``batches`` counts micro-batches already handed out in ``epoch``. A loader
+built from it yields exactly the batches the uninterrupted run would have yielded next. Resuming
+with a different world size, worker count, batch size, dataset size or seed is refused: the
+sample layout is a function of all of them (resume those at an epoch boundary, with
+``state=None`` and ``loader.epoch`` set, or keep them unchanged).
+
+Rank and world size are explicit arguments: workers never look at ``torch.distributed`` or the
+environment, which spawned workers cannot see reliably. Iterate the loader yourself; do not hand
+it to ``deepspeed.initialize(training_data=...)``, which would wrap it in a DistributedSampler.
+
+Unreadable samples (bad JPEG, truncated tar member) are replaced inside their micro-batch by a
+re-augmented copy of another sample, so batch size and batch count never change; they are
+counted in ``batch["corrupt"]`` and ``loader.stats["corrupt"]`` and logged at a limited rate.
+
+``cfg.data.train`` selects the source: ``demo``, a ``manifest.json`` (or a folder holding one;
+``data.shard_url_template`` opens its shards remotely), a brace-expanded shard URL list, an
+ImageFolder directory, or ``synthetic``. See ``bootmae_ds.data.plan`` for the sample layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bootmae_ds.config import BootMAEConfig
+from bootmae_ds.data import plan
+from bootmae_ds.data.seeds import mix_seed
+from bootmae_ds.data.shards import MANIFEST_NAME, ShardError
+from bootmae_ds.data.sources import FolderSource, RawSample, Source, SyntheticSource, TarSource
+from bootmae_ds.data.transforms import SampleTransform
+
+log = logging.getLogger("bootmae_ds.data")
+Batch = dict[str, Any]
+
+
+class _RateLimitedLog:
+    """The first ``burst`` messages, then at most one per ``interval`` seconds with a count."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0) -> None:
+        self.burst, self.interval = burst, interval
+        self.sent, self.suppressed, self.last = 0, 0, 0.0
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if self.sent < self.burst or now - self.last >= self.interval:
+            extra = f" ({self.suppressed} similar messages suppressed)" if self.suppressed else ""
+            log.warning("corrupt sample skipped: %s%s", message, extra)
+            self.sent, self.suppressed, self.last = self.sent + 1, 0, now
+        else:
+            self.suppressed += 1
+
+
+@dataclasses.dataclass
+class StreamingDataset(IterableDataset):
+    """One rank's micro-batches of one epoch, from micro-batch ``start`` on, split over workers."""
+
+    source: Source
+    transform: SampleTransform
+    rank: int
+    world_size: int
+    workers: int  # logical workers: max(1, DataLoader num_workers)
+    batch_size: int
+    seed: int
+    shuffle_buffer: int
+    num_samples: int
+    epoch: int = 0
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    @property
+    def num_batches(self) -> int:
+        return plan.batches_per_rank(self.num_samples, self.world_size, self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info else (0, 1)
+        if count != self.workers:
+            raise RuntimeError(f"dataset built for {self.workers} workers runs in {count}")
+        # After k consumed micro-batches the DataLoader asks physical worker 0 first, so physical
+        # worker p must play logical worker (k + p) % W from its ((k + p) // W)-th batch on.
+        worker = (self.start + physical) % self.workers
+        first = (self.start + physical) // self.workers
+        n = plan.worker_batches(self.num_batches, self.workers, worker)
+        if first >= n:
+            return
+        counts = [s.count for s in self.source.shards]
+        segments = plan.worker_segments(counts, self.seed, self.epoch, self.rank, self.world_size,
+                                        worker, self.workers, self.batch_size, self.num_samples)
+        B = self.batch_size
+        order = plan.worker_order(self.seed, self.epoch, self.rank, worker, n * B,
+                                  self.shuffle_buffer)
+        needed = bytearray(n * B)
+        for q in order[first * B :]:
+            needed[q] = 1
+        stream = self._stream(segments, needed)
+        pending: dict[int, RawSample] = {}
+        report = _RateLimitedLog()
+        for j in range(first, n):
+            raws = []
+            for q in order[j * B : (j + 1) * B]:
+                while q not in pending:  # read on in sequence order until q arrives
+                    pos, raw = next(stream)
+                    pending[pos] = raw
+                raws.append(pending.pop(q))
+            yield self._collate(raws, j * self.workers + worker, report)
+
+    def _stream(
+        self, segments: list[plan.Segment], needed: bytearray
+    ) -> Iterator[tuple[int, RawSample]]:
+        """(worker position, raw sample) for every needed position, in sequence order."""
+        offset = 0
+        for shard, lo, hi in segments:
+            base = offset - lo
+            wanted = lambda p, base=base: needed[base + p] == 1
+            for p, raw in self.source.read(shard, lo, hi, wanted):
+                yield base + p, raw
+            offset += hi - lo
+
+    def _collate(self, raws: list[RawSample], index: int, report: _RateLimitedLog) -> Batch:
+        B = len(raws)
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * B
+        errors: dict[int, str] = {}
+        for i, raw in enumerate(raws):
+            if raw.error is None:
+                try:
+                    out[i] = self.transform(raw.data, self.epoch, raw.key)  # type: ignore[arg-type]
+                except Exception as err:  # noqa: BLE001 - any decoder failure marks the sample bad
+                    errors[i] = f"{raw.key}: does not decode ({type(err).__name__}: {err})"
+            else:
+                errors[i] = raw.error
+        keys = [r.key for r in raws]
+        labels = [r.label for r in raws]
+        good = [i for i in range(B) if out[i] is not None]
+        if not good:
+            raise ShardError(
+                f"epoch {self.epoch}, rank {self.rank}, micro-batch {index}: all {B} "
+                f"samples are unreadable (first: {errors[0]}); check the shards with "
+                f"`python data_prep/verify_shards.py` and rebuild the bad ones"
+            )
+        for i, message in errors.items():
+            report(message)
+            # Keep B and the batch count fixed: reuse the next good sample of this batch, with
+            # the bad sample's own RNG so the copy is a different view. Depending only on this
+            # batch keeps resume exact.
+            src = next((g for g in good if g > i), good[0])
+            out[i] = self.transform(raws[src].data, self.epoch, raws[i].key)  # type: ignore[arg-type]
+            keys[i], labels[i] = raws[src].key, raws[src].label
+        images, masks = zip(*out)  # type: ignore[misc]
+        return {
+            "images": torch.stack(images),
+            "masks": torch.stack(masks),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "keys": keys,
+            "corrupt": len(errors),
+            "epoch": self.epoch,
+            "index": index,
+        }
+
+
+class TrainLoader:
+    """Iterates one rank's micro-batches epoch after epoch and knows its exact position."""
+
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        num_workers: int,
+        state: dict[str, Any] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
+        self.epoch, self.batches = 0, 0
+        self.stats = {"corrupt": 0, "batches": 0}
+        if state is not None:
+            self.load_state_dict(state)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this rank (the same on every rank)."""
+        return self.dataset.num_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        d = self.dataset
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "world_size": d.world_size,
+            "num_workers": self.num_workers,
+            "micro_batch_size": d.batch_size,
+            "num_samples": d.num_samples,
+            "seed": d.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        changed = [
+            f"{k} {state.get(k)!r} -> {mine[k]!r}"
+            for k in ("world_size", "num_workers", "micro_batch_size", "num_samples", "seed")
+            if state.get(k) != mine[k]
+        ]
+        if changed:
+            raise ValueError(
+                "cannot resume the data position mid-epoch: " + ", ".join(changed) + ". The "
+                "sample layout depends on these; resume with the saved values (world size, "
+                "data.num_workers, data.micro_batch_size, data, run.seed), or restart the data "
+                "stream at an epoch boundary by building the loader with state=None and setting "
+                f"loader.epoch = {state.get('epoch', 0) + 1}"
+            )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.batches >= len(self):
+            self.epoch, self.batches = self.epoch + 1, 0
+        dataset = dataclasses.replace(self.dataset, epoch=self.epoch, start=self.batches)
+        # Each DataLoader iterator draws its workers' base seed from `generator`, by default the
+        # global torch RNG: a private one keeps the trainer's RNG stream the same whether or not
+        # the run was resumed (the workers themselves use per-sample RNGs only).
+        seed = mix_seed(dataset.seed, "dataloader", dataset.rank, self.epoch, self.batches)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed % 2**63),
+        )
+        for batch in loader:
+            if batch["index"] != self.batches:  # guards the round-robin assumption
+                raise RuntimeError(
+                    f"loader out of order: got micro-batch {batch['index']}, "
+                    f"expected {self.batches}"
+                )
+            self.batches += 1
+            self.stats["batches"] += 1
+            self.stats["corrupt"] += batch["corrupt"]
+            yield batch
+        self.epoch, self.batches = self.epoch + 1, 0
+
+
+def open_source(cfg: BootMAEConfig) -> Source:
+    """The sample source named by ``cfg.data.train``."""
+    d = cfg.data
+    spec = d.train
+    if spec == "demo":
+        from bootmae_ds.data.demo import ensure_demo_shards
+
+        return TarSource.from_manifest(ensure_demo_shards(d.cache_dir) / "train" / MANIFEST_NAME)
+    if spec == "synthetic":
+        return SyntheticSource(d.num_samples or 1024, cfg.model.img_size, seed=cfg.run.seed)
+    if spec.endswith(".json"):
+        return TarSource.from_manifest(spec, d.shard_url_template)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return TarSource.from_manifest(path / MANIFEST_NAME, d.shard_url_template)
+        return FolderSource(path)
+    if "{" in spec or spec.startswith("pipe:") or spec.endswith(".tar") or "://" in spec:
+        return TarSource.from_urls(spec, d.num_samples)
+    raise ShardError(
+        f"data.train={spec!r}: not 'demo', 'synthetic', a manifest.json, a shard URL "
+        f"list, or an existing directory"
+    )
+
+
+def build_train_loader(
+    cfg: BootMAEConfig, *, rank: int, world_size: int, state: dict[str, Any] | None = None
+) -> TrainLoader:
+    """The training loader of ``rank`` among ``world_size`` ranks (see the module docstring)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    d = cfg.data
+    source = open_source(cfg)
+    source.check()
+    total = source.num_samples if d.num_samples is None else min(d.num_samples, source.num_samples)
+    dataset = StreamingDataset(
+        source=source,
+        transform=SampleTransform.from_config(cfg),
+        rank=rank,
+        world_size=world_size,
+        workers=max(1, d.num_workers),
+        batch_size=d.micro_batch_size,
+        seed=cfg.run.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        num_samples=total,
+    )
+    if dataset.num_batches == 0:
+        raise ShardError(
+            f"{source.description}: {total} samples give no micro-batch per rank "
+            f"(world size {world_size} x data.micro_batch_size {d.micro_batch_size})"
+        )
+    return TrainLoader(dataset, d.num_workers, state, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,48 @@
+"""Re-read every shard of a build: size, sha256 and sample count against the manifest, and
+decode every image. Exits 1 naming each bad shard, 0 if all are good.
+
+    python data_prep/verify_shards.py /data/shards/train [--workers 16] [--no-decode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import _path  # noqa: F401  (repository root on sys.path)
+
+from bootmae_ds.data.shards import ShardError, verify_manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("out", help="the build directory (holding manifest.json) or the manifest path")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--no-decode", action="store_true", help="skip decoding (counts and checksums only)"
+    )
+    a = p.parse_args(argv)
+    try:
+        results = verify_manifest(a.out, decode=not a.no_decode, workers=a.workers)
+    except ShardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    bad = {name: problems for name, problems in results.items() if problems}
+    for name, problems in bad.items():
+        print(f"BAD {name}", file=sys.stderr)
+        for problem in problems[:10]:
+            print(f"    {problem}", file=sys.stderr)
+        if len(problems) > 10:
+            print(f"    ... and {len(problems) - 10} more", file=sys.stderr)
+    print(
+        f"{len(results) - len(bad)}/{len(results)} shards good"
+        + (f"; bad: {', '.join(bad)}" if bad else "")
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
