@@ -471,6 +471,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
     node = data
     parts = key.strip().split(".")
+    if parts == ["model", "size"] and isinstance(data.get("model"), dict):
+        for dim in ("embed_dim", "depth", "num_heads"):  # a size given now replaces the file's dims
+            data["model"].pop(dim, None)
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):

@@ -50,6 +50,9 @@ def test_size_shorthand() -> None:
     assert (large.embed_dim, large.depth, large.num_heads, large.size) == (1024, 24, 16, "large")
     custom = load_config("vit_base_800ep", ["model.size=small", "model.depth=6"]).model
     assert (custom.embed_dim, custom.depth, custom.num_heads, custom.size) == (384, 6, 6, None)
+    # an override of the size replaces dims pinned by the file (the demo pins 96/4/4)
+    demo = load_config("demo", ["model.size=small"]).model
+    assert (demo.embed_dim, demo.depth, demo.num_heads, demo.size) == (384, 12, 6, "small")
 
 
 def test_dotted_overrides_parse_yaml_values() -> None:
