@@ -358,6 +358,14 @@ class LoggingConfig(_Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="Device matmul peak for MFU; null = known GPU table or none."
     )
+    knn_every_steps: int | None = Field(
+        None, ge=1, description="k-NN accuracy of the online encoder every N steps (rank 0); null = off."
+    )
+    knn_bank: str = Field("demo", description="Labelled images of the k-NN bank (a data.train spec; "
+                          "'demo' / 'demo-test' are the digits' splits).")
+    knn_queries: str = Field("demo-test", description="Labelled images the k-NN monitor classifies.")
+    knn_bank_limit: int | None = Field(10000, ge=1, description="First N bank images; null = all.")
+    knn_query_limit: int | None = Field(5000, ge=1, description="First N query images; null = all.")
 
 
 class RunConfig(_Section):

@@ -99,6 +99,9 @@ class MetricsLogger:
             self.start_step, self.start_time = step - 1, time.perf_counter()
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
+        if self.writer is not None and "knn_top1" in row:
+            self.writer.add_scalar("eval/knn_top1", row["knn_top1"], step)
+            self.writer.add_scalar("eval/knn_top5", row["knn_top5"], step)
         if step % self.every and step != self.total_steps:
             return
         if self.writer is not None:
@@ -110,8 +113,8 @@ class MetricsLogger:
         eta = (self.total_steps - step) / max(rate, 1e-9)
         print(f"step {step}/{self.total_steps}  epoch {row['epoch']}  loss {row['loss']:.4f} "
               f"(pix {row['loss_pixel']:.4f} feat {row['loss_feature']:.4f})  lr {row['lr']:.3g}  "
-              f"{row['samples_per_s']:.0f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-              flush=True)
+              f"{row['samples_per_s']:.0f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+              + (f"  k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""), flush=True)
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         if self.writer is not None:

@@ -150,6 +150,12 @@ class Trainer:
         mean = torch.tensor(cfg.data.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.data.std, device=self.device).view(1, 3, 1, 1)
         self.norm = (mean * 255, std * 255)
+        self.knn = None
+        if cfg.logging.knn_every_steps and self.info.is_main:
+            from .knn import KnnMonitor
+
+            lg = cfg.logging
+            self.knn = KnnMonitor(cfg, lg.knn_bank, lg.knn_queries, lg.knn_bank_limit, lg.knn_query_limit)
         self.preemption = Preemption()
 
     # -- build ------------------------------------------------------------------------------
@@ -313,6 +319,11 @@ class Trainer:
         }
         if self.peak:
             row["mfu"] = rate / world * self.flops / (self.peak * 1e12)
+        every = self.cfg.logging.knn_every_steps
+        if self.knn is not None and (self.state.step % every == 0 or self.state.step == self.total_steps):
+            # rank 0 only; the other ranks wait for it in the next collective
+            scores = self.knn(self.engine.module.encoder)
+            row["knn_top1"], row["knn_top5"] = scores["top1"], scores["top5"]
         if self.device.type == "cuda":
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:

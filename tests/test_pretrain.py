@@ -104,10 +104,12 @@ def test_preemption_signal_saves_and_resumes(tmp_path) -> None:
 def test_single_process_run_and_refusals(tmp_path) -> None:
     out = tmp_path / "run"
     env = cpu_env()
-    first = run(["python", "launchers/pretrain.py", *_args(out, 2, "data.global_batch_size=16")], env=env)
+    first = run(["python", "launchers/pretrain.py",
+                 *_args(out, 2, "data.global_batch_size=16", "logging.knn_every_steps=2")], env=env)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["samples_per_s"] > 0 for r in rows)
+    assert "knn_top1" not in rows[0] and 10 < rows[1]["knn_top1"] <= 100  # 10 digit classes
     # a checkpoint from another model config is refused, naming the file and the fields
     other = run(["python", "launchers/pretrain.py", *_args(out, 3, "data.global_batch_size=16", "model.depth=3")],
                 env=env)

@@ -1,0 +1,126 @@
+"""A weighted k-NN classifier on frozen encoder features: the cheap yardstick of representation
+quality (k=20, cosine similarity, votes weighted by exp(sim / 0.07), as DINO evaluates).
+
+Features are the mean of the encoder's normalised patch tokens (the pooling BootMAE fine-tunes
+with). Images are resized (shorter side to ``img_size / crop_pct``) and centre-cropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .config import BootMAEConfig
+from .data.sources import Source
+from .data.transforms import decode_rgb
+
+
+@dataclass
+class LabelledImages:
+    """uint8 images ``[N, 3, S, S]`` with int64 labels ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def open_eval_source(spec: str, cfg: BootMAEConfig) -> Source:
+    """``demo`` / ``demo-test`` (the digits' splits) or anything ``data.train`` accepts."""
+    from .data.demo import ensure_demo_shards
+    from .data.loader import open_source
+    from .data.shards import MANIFEST_NAME
+    from .data.sources import TarSource
+
+    if spec in ("demo", "demo-test"):
+        split = "train" if spec == "demo" else "test"
+        return TarSource.from_manifest(ensure_demo_shards(cfg.data.cache_dir) / split / MANIFEST_NAME)
+    return open_source(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": spec})}))
+
+
+def eval_transform(image: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
+    """Resize the shorter side to ``size / crop_pct`` (bicubic) unless it already is ``size``,
+    then centre-crop ``size x size``."""
+    short = min(image.shape[-2:])
+    if short != size:
+        image = TF.resize(image, [round(size / crop_pct)], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+def load_images(source: Source, size: int, limit: int | None = None) -> LabelledImages:
+    """The first ``limit`` readable samples of ``source`` in shard order (deterministic)."""
+    images, labels = [], []
+    for shard in range(len(source.shards)):
+        for _, sample in source.read(shard, 0, source.shards[shard].count, lambda _: True):
+            if sample.error is not None or sample.data is None:
+                continue
+            images.append(eval_transform(decode_rgb(sample.data), size))
+            labels.append(sample.label)
+            if limit is not None and len(images) >= limit:
+                return LabelledImages(torch.stack(images), torch.tensor(labels))
+    if not images:
+        raise ValueError(f"{source.description}: no readable labelled images")
+    return LabelledImages(torch.stack(images), torch.tensor(labels))
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, images: torch.Tensor, mean: tuple[float, ...],
+                     std: tuple[float, ...], batch_size: int = 256) -> torch.Tensor:
+    """Mean-pooled final-norm patch tokens ``[N, D]`` (fp32), in the encoder's device and dtype."""
+    param = next(encoder.parameters())
+    m = torch.tensor(mean, device=param.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=param.device).view(1, 3, 1, 1) * 255
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = (images[start: start + batch_size].to(param.device).float() - m) / s
+        tokens = encoder.forward_features(x.to(param.dtype))  # [B, 1+N, D]
+        out.append(tokens[:, 1:].float().mean(dim=1).cpu())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Class scores ``[Nq, C]`` of the weighted k-NN vote (cosine similarity)."""
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    k = min(k, len(bank))
+    bank = F.normalize(bank.float(), dim=1)
+    scores = []
+    for start in range(0, len(queries), chunk):
+        q = F.normalize(queries[start: start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # [q, k]
+        votes = torch.zeros(len(q), num_classes)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                 query_labels: torch.Tensor, *, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (in %) of the weighted k-NN classifier."""
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    scores = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    hits = top == query_labels[:, None]
+    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(dim=1).float().mean().item()}
+
+
+class KnnMonitor:
+    """Loads a labelled bank and query set once; scores an encoder on them when called."""
+
+    def __init__(self, cfg: BootMAEConfig, bank: str, queries: str, bank_limit: int | None,
+                 query_limit: int | None, k: int = 20, temperature: float = 0.07) -> None:
+        size = cfg.model.img_size
+        self.bank = load_images(open_eval_source(bank, cfg), size, bank_limit)
+        self.queries = load_images(open_eval_source(queries, cfg), size, query_limit)
+        self.mean, self.std, self.k, self.temperature = cfg.data.mean, cfg.data.std, k, temperature
+
+    def __call__(self, encoder: torch.nn.Module) -> dict[str, float]:
+        bank = extract_features(encoder, self.bank.images, self.mean, self.std)
+        queries = extract_features(encoder, self.queries.images, self.mean, self.std)
+        return knn_accuracy(bank, self.bank.labels, queries, self.queries.labels, k=self.k,
+                            temperature=self.temperature)

@@ -1,0 +1,71 @@
+"""k-NN monitor: the vote against a brute-force reference; features and images end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bootmae_ds.knn import eval_transform, extract_features, knn_accuracy, knn_predict
+from bootmae_ds.models import build_model
+from conftest import tiny_config
+
+
+def _brute_force(bank, bank_labels, queries, k, temperature, num_classes):
+    """Sort every similarity by hand, vote with exp(sim / T) over the k nearest."""
+    out = []
+    for q in queries.tolist():
+        qn = math.sqrt(sum(v * v for v in q))
+        sims = []
+        for i, b in enumerate(bank.tolist()):
+            bn = math.sqrt(sum(v * v for v in b))
+            sims.append((sum(x * y for x, y in zip(q, b)) / (qn * bn), i))
+        sims.sort(reverse=True)
+        votes = [0.0] * num_classes
+        for sim, i in sims[:k]:
+            votes[int(bank_labels[i])] += math.exp(sim / temperature)
+        out.append(votes)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k,temperature", [(20, 0.07), (5, 0.5), (1, 1.0)])
+def test_weighted_vote_matches_brute_force(k, temperature) -> None:
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    got = knn_predict(bank, labels, queries, k=k, temperature=temperature, num_classes=4, chunk=7)
+    ref = _brute_force(bank, labels, queries, k, temperature, 4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_accuracy_on_separable_and_random_labels() -> None:
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(5, 16, generator=g) * 5
+    labels = torch.arange(5).repeat_interleave(40)
+    bank = centers[labels] + torch.randn(200, 16, generator=g)
+    q_labels = torch.arange(5).repeat_interleave(10)
+    queries = centers[q_labels] + torch.randn(50, 16, generator=g)
+    assert knn_accuracy(bank, labels, queries, q_labels)["top1"] == 100.0
+    shuffled = labels[torch.randperm(200, generator=g)]
+    acc = knn_accuracy(bank, shuffled, queries, q_labels)
+    assert acc["top1"] < 60 and acc["top5"] == 100.0  # 5 classes: top-5 always hits
+
+
+def test_features_are_mean_pooled_normalised_tokens() -> None:
+    cfg = tiny_config()
+    encoder = build_model(cfg).encoder
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    feats = extract_features(encoder, images, cfg.data.mean, cfg.data.std, batch_size=2)
+    x = (images.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = encoder.forward_features(x)[:, 1:].mean(dim=1)
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    assert encoder.training  # restored
+
+
+def test_eval_transform_keeps_exact_sizes_and_centre_crops_others() -> None:
+    img = torch.arange(3 * 32 * 32, dtype=torch.float32).view(3, 32, 32).to(torch.uint8)
+    assert torch.equal(eval_transform(img, 32), img)
+    wide = torch.zeros(3, 300, 400, dtype=torch.uint8)
+    assert eval_transform(wide, 224).shape == (3, 224, 224)
