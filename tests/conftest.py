@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # for tests/official_reference.py
+sys.path.insert(0, str(Path(__file__).parent))  # tests' own helper modules
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/reference_bootmae.py
 
 from bootmae_ds.config import BootMAEConfig, load_config  # noqa: E402
 

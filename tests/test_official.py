@@ -1,5 +1,5 @@
 """Official checkpoints: strict round trip, clear errors, and forward parity with an independent
-re-statement of the official computation (tests/official_reference.py)."""
+re-statement of the official computation (bench/reference_bootmae.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from bootmae_ds.compat.official import (
 from bootmae_ds.config import load_config
 from bootmae_ds.losses import patchify
 from bootmae_ds.models import build_model
-from official_reference import official_forward, official_target_features
+from reference_bootmae import official_forward, official_target_features
 
 # Key layouts of the released checkpoints (copied from shared/reference so CI needs nothing else).
 REFERENCE = Path(__file__).resolve().parent / "data"

@@ -1,4 +1,7 @@
-"""An independent, functional re-statement of the official BootMAE forward pass for tests.
+"""An independent, functional re-statement of the official BootMAE forward pass.
+
+Used by tests/test_official.py (parity of our model with the official computation) and by
+bench/step.py (the reference-style step our step is timed against).
 
 It works directly on a state dict in the *official* key layout (no module classes), with the
 official token handling: a shuffled index per sample (visible first), explicit softmax

@@ -1,0 +1,206 @@
+"""Training-step throughput of our BootMAE against a reference-style step, side by side.
+
+    python bench/step.py --size base --batch 8 --dtype fp32 [--steps 3] [--device cpu|cuda]
+
+One process, no DeepSpeed (the step itself: forward, losses, backward, AdamW, EMA):
+- ours: fused qkv + scaled_dot_product_attention, encoder on visible tokens, momentum copy of
+  the encoder only, masks made beforehand (they come from loader workers in training);
+- reference: the official computation as bench/reference_bootmae.py restates it (explicit
+  softmax attention, shuffle/gather token handling, ConvTranspose2d head, image-space weighted
+  loss), a momentum copy of the whole model updated tensor by tensor, masks drawn in the step by
+  a Python/NumPy loop;
+- MAE: our encoder with MAE's 8-block 512-wide decoder and no feature branch, for the momentum
+  overhead; and our step with the momentum encoder fed 25/50/75/100% of the patches (Table 5).
+Prints img/s, analytic FLOPs per image, achieved FLOP/s against a large GEMM measured in the same
+run and dtype, and peak memory on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from masking import reference_mask  # noqa: E402
+from reference_bootmae import official_forward, official_target_features  # noqa: E402
+
+from bootmae_ds.compat.official import ours_to_official  # noqa: E402
+from bootmae_ds.config import load_config  # noqa: E402
+from bootmae_ds.losses import feature_loss, pixel_loss  # noqa: E402
+from bootmae_ds.masking import MaskGenerator  # noqa: E402
+from bootmae_ds.metrics import flops_per_image, training_flops_per_image  # noqa: E402
+from bootmae_ds.models import build_model, mask_to_ids  # noqa: E402
+from bootmae_ds.optim import param_groups  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square GEMM in ``dtype`` (the device's practical peak)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    reps = 3 if device.type == "cpu" else 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    """Seconds per step after one warm-up step."""
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def our_step(cfg, batch: int, device, dtype, fraction: float = 1.0):
+    """A closure running one BootMAE training step of our implementation."""
+    model = build_model(cfg).to(device, dtype).train()
+    teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval() if model.feature_decoder else None
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    masks = MaskGenerator.from_config(cfg).batch(batch, 0).to(device)
+    images = torch.randn(batch, 3, cfg.model.img_size, cfg.model.img_size, device=device)
+    p = cfg.model.patch_size
+    online, shadow = [], []  # the EMA pairs: trainable encoder weights and their momentum copies
+    if teacher is not None:
+        names = dict(teacher.named_parameters())
+        for n, q in model.named_parameters():
+            if n.startswith("encoder.") and q.requires_grad:
+                online.append(q)
+                shadow.append(names[n.removeprefix("encoder.")])
+
+    def step() -> None:
+        x = images.to(dtype)
+        out = model(x, masks)
+        loss = pixel_loss(out.pixels, images, masks, patch_size=p, weighted=cfg.loss.weighted_mask,
+                          norm=cfg.loss.pixel_norm)
+        if teacher is not None:
+            subset = None
+            if fraction < 1:
+                _, masked = mask_to_ids(masks)
+                k = round(fraction * masked.shape[1])
+                subset = masked[:, torch.randperm(masked.shape[1], device=device)[:k]].sort(dim=1).values
+            with torch.no_grad():
+                targets = teacher.target_features(x, subset)
+            loss = loss + feature_loss(out.features, targets, masks, weighted=True, subset=subset)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if teacher is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(shadow, online, 1e-4)
+
+    return step, model
+
+
+def reference_step(cfg, batch: int, device, dtype):
+    """A closure running one step the way the official code does it (see module docstring)."""
+    m = cfg.model
+    grid, p, depth, heads = m.img_size // m.patch_size, m.patch_size, m.depth, m.num_heads
+    state = {k: v.to(device, dtype) for k, v in ours_to_official(build_model(cfg).state_dict(), cfg).items()}
+    params = {k: v.requires_grad_("pos_embed" not in k) for k, v in state.items()}
+    ema = {k: v.detach().clone() for k, v in params.items()}  # momentum copy of the whole model
+    opt = torch.optim.AdamW([v for v in params.values() if v.requires_grad], lr=1e-4)
+    images = torch.randn(batch, 3, m.img_size, m.img_size, device=device)
+    rng = random.Random(0)
+    mask_len = cfg.mask.num_masked
+    ln = torch.nn.LayerNorm(m.embed_dim, eps=1e-6, elementwise_affine=False).to(device)
+
+    def step() -> None:
+        masks = torch.stack([torch.from_numpy(reference_mask(grid, mask_len, cfg.mask.block_budget,
+                             cfg.mask.min_block_patches, cfg.mask.max_block_patches, rng)) for _ in range(batch)])
+        masks = masks.to(device)
+        shuffle = torch.argsort(masks.float() * 2 + torch.rand(masks.shape, device=device), dim=1)
+        x = images.to(dtype)
+        image, feats = official_forward(params, x, shuffle, mask_len, patch=p, depth=depth, heads=heads,
+                                        feature_blocks=(0, depth - 1))
+        # image-space per-patch per-channel normalisation and weighted mask, as the official loop
+        loss_mask = masks.float().view(batch, 1, grid, grid)
+        weight = loss_mask * F.avg_pool2d(loss_mask, 3, 1, 1) + loss_mask
+        patches = images.view(batch, 3, grid, p, grid, p)
+        mean = patches.mean(dim=(3, 5), keepdim=True)
+        std = (patches.var(dim=(3, 5), unbiased=False, keepdim=True) + 1e-5).sqrt()
+        target = ((patches - mean) / std).view_as(images)
+        up = F.interpolate(weight, scale_factor=p, mode="nearest")
+        pix = (up * (image.float() - target) ** 2).mean() / F.interpolate(loss_mask, scale_factor=p).mean()
+        with torch.no_grad():
+            tgt = official_target_features(ema, x, patch=p, depth=depth, heads=heads)
+        feat = (weight.view(batch, -1, 1) * (ln(tgt.float()) - ln(feats.float())) ** 2).mean() / loss_mask.mean()
+        (pix + feat).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in params.items():  # tensor by tensor, as timm's ModelEma
+                ema[k].mul_(0.9999).add_(v.detach(), alpha=1e-4)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="base", choices=["tiny", "small", "base", "large", "huge"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = parser.parse_args()
+    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    torch.manual_seed(0)
+    base = load_config("vit_base_800ep", [f"model.size={a.size}"])
+    mae = load_config("mae_base_800ep", [f"model.size={a.size}"])
+    peak = matmul_peak(device, dtype)
+    print(f"{a.size}, batch {a.batch}, {a.dtype} on {device}: matmul peak {peak / 1e9:.0f} GFLOP/s")
+    rows = []
+
+    def report(name: str, seconds: float, flops: float) -> float:
+        rate = a.batch / seconds
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
+        rows.append(name)
+        print(f"  {name:34s} {seconds:7.3f} s/step {rate:8.1f} img/s  {flops / 1e9:7.1f} GFLOP/img  "
+              f"{rate * flops / 1e9:7.1f} GFLOP/s = {100 * rate * flops / peak:5.1f}% of peak  mem {mem}")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return seconds
+
+    step, model = our_step(base, a.batch, device, dtype)
+    flops = training_flops_per_image(flops_per_image(model, base))
+    t_ours = report("ours, BootMAE", timed(step, a.steps, device), flops)
+    del step, model
+    t_ref = report("reference-style, BootMAE", timed(reference_step(base, a.batch, device, dtype), a.steps, device), flops)
+    step, mae_model = our_step(mae, a.batch, device, dtype)
+    t_mae = report("ours, MAE (8-block decoder)", timed(step, a.steps, device),
+                   training_flops_per_image(flops_per_image(mae_model, mae)))
+    del step, mae_model
+    fractions = {}
+    for fraction in (0.25, 0.5, 0.75):
+        cfg = load_config("vit_base_800ep", [f"model.size={a.size}", f"momentum.input_fraction={fraction}"])
+        step, model = our_step(cfg, a.batch, device, dtype, fraction)
+        fractions[fraction] = report(f"ours, momentum input {int(fraction * 100)}%", timed(step, a.steps, device),
+                                     training_flops_per_image(flops_per_image(model, cfg)))
+        del step, model
+    print(f"speed-up, ours vs reference-style: {t_ref / t_ours:.2f}x")
+    print(f"momentum overhead, BootMAE / MAE step: {t_ours / t_mae:.2f}x (100% input), "
+          + ", ".join(f"{t / t_mae:.2f}x ({int(f * 100)}%)" for f, t in fractions.items()))
+
+
+if __name__ == "__main__":
+    main()
