@@ -1,0 +1,313 @@
+"""Export a pre-trained encoder as timm's ``VisionTransformer``: fp32 safetensors weights, a timm
+``config.json`` and a provenance ``README.md``.
+
+Sources: a run's ZeRO checkpoint of any world size (consolidated in fp32 on one CPU process) or
+an official released ``.pth``. ``which`` picks the online encoder (ZeRO's fp32 master weights)
+or the momentum encoder (its fp32 EMA shards, never the bf16 copy the target forward uses).
+
+Our key names are timm's but for ``attn.{q_bias,v_bias}`` (folded into ``attn.qkv.bias`` with a
+zero k part) and the final LayerNorm ``norm``, stored as ``fc_norm``: the export is timm's
+``global_pool="avg", fc_norm=True`` layout, the mean-pool + LayerNorm head of the official BootMAE
+fine-tuning. timm builds that very layout for ``global_pool="avg"``, so the one-line
+``pretrained=True`` load fills every encoder weight (only the new classifier starts fresh) and a
+strict ``load_state_dict`` into the exported architecture (``num_classes=0``) uses every key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import LATEST, MANIFEST, CheckpointError, complete_tags, validate_checkpoint
+from .config import BootMAEConfig, ConfigError, load_config
+from .models import VisionTransformerEncoder
+
+WEIGHTS, CONFIG, README = "model.safetensors", "config.json", "README.md"
+WHICH = ("online", "momentum")
+TIMM_LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon; config.json cannot carry another one
+
+
+class ExportError(RuntimeError):
+    """Bad export input or output; the message names the path and what to do."""
+
+
+@dataclass
+class EncoderExport:
+    """A consolidated fp32 encoder plus where it came from."""
+
+    encoder: VisionTransformerEncoder
+    cfg: BootMAEConfig
+    provenance: dict[str, Any]
+
+
+# -- reading ---------------------------------------------------------------------------------
+def load_encoder(cfg: BootMAEConfig, state: dict[str, torch.Tensor], what: str) -> VisionTransformerEncoder:
+    """A fresh encoder holding ``state`` in fp32; ``pos_embed`` is the fixed sin-cos table."""
+    m = cfg.model
+    encoder = VisionTransformerEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth,
+                                       m.num_heads, m.mlp_ratio, m.qkv_bias, 0.0, m.norm_eps).eval()
+    # pos_embed is frozen, so ZeRO keeps no fp32 master of it (bf16 in bf16 runs): recompute it.
+    full = {**{k: v.float() for k, v in state.items() if k != "pos_embed"},
+            "pos_embed": encoder.pos_embed.detach().clone()}
+    expected = encoder.state_dict()
+    missing, extra = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
+    shapes = [k for k in expected if k in full and full[k].shape != expected[k].shape]
+    if missing or extra or shapes:
+        raise ExportError(f"{what}: does not fit the encoder of its config (missing {missing[:5]}, "
+                          f"unexpected {extra[:5]}, shape mismatch {shapes[:5]})")
+    encoder.load_state_dict(full, strict=True)
+    return encoder
+
+
+def resolve_tag_dir(run: Path, tag: str | None) -> Path:
+    """``RUN/checkpoints/TAG``, or the tag named by ``latest``; a checkpoint dir is accepted too."""
+    if not run.is_dir():
+        raise ExportError(f"{run}: no such run directory; pass the --output-dir of a pre-training run")
+    if tag is None and (run / MANIFEST).is_file():
+        return run  # RUN was a checkpoint directory itself
+    ckpt = run if (run / LATEST).is_file() else run / "checkpoints"  # RUN or RUN/checkpoints
+    if tag is None:
+        try:
+            tag = (ckpt / LATEST).read_text().strip()
+        except OSError:
+            raise ExportError(f"{ckpt / LATEST}: missing, the run has no complete checkpoint yet; "
+                              f"pass --tag step_XXXXXXXX") from None
+    tag_dir = ckpt / tag
+    if not tag_dir.is_dir():
+        have = [p.name for p in complete_tags(ckpt)]
+        raise ExportError(f"{tag_dir}: no such checkpoint; pick --tag among {have or 'none'}")
+    if not (tag_dir / MANIFEST).is_file():
+        raise ExportError(f"{tag_dir}: incomplete checkpoint (no {MANIFEST}, its save was interrupted); "
+                          f"export another --tag")
+    return tag_dir
+
+
+def read_manifest(tag_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking every file's size (any world size is fine here)."""
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+        # Compared with itself, so only the file checks of validate_checkpoint can fail.
+        return validate_checkpoint(tag_dir, manifest["config"], manifest["world_size"])
+    except CheckpointError as err:  # its advice is about resuming; keep the path and the problem
+        raise ExportError(f"{str(err).split('; ')[0]}; export another checkpoint with --tag") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"{tag_dir / MANIFEST}: unreadable manifest ({err}); export another --tag") from None
+
+
+def _run_config(run_dir: Path, manifest: dict[str, Any]) -> BootMAEConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the export needs the run's config (mean/std, model)")
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        raise ExportError(f"{path}: {err}") from None
+    if cfg.model.model_dump(mode="json") != manifest["config"].get("model"):
+        raise ExportError(f"{path}: its model section differs from the one saved in the checkpoint's "
+                          f"{MANIFEST}; restore the run's original config.yaml")
+    return cfg
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ExportError(f"{path}: unreadable ({type(err).__name__}: {err}); export another --tag") from None
+
+
+def online_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The online encoder's fp32 master weights, consolidated from ZeRO shards on the CPU."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:  # DeepSpeed narrates every shard it reads; the CLI prints one line instead
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except Exception as err:  # noqa: BLE001 - DeepSpeed raises many types; name the directory
+        raise ExportError(f"{tag_dir}: DeepSpeed could not consolidate it ({type(err).__name__}: {err}); "
+                          f"export another --tag") from None
+    return {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+
+
+def momentum_state(tag_dir: Path, world_size: int) -> dict[str, torch.Tensor]:
+    """The momentum encoder's fp32 EMA, joined from the shards of all ``world_size`` ranks."""
+    from .momentum import consolidate_shards
+
+    paths = [tag_dir / f"momentum_rank{r}.pt" for r in range(world_size)]
+    if not paths[0].is_file():
+        raise ExportError(f"{paths[0]}: missing; this run has no momentum encoder "
+                          f"(no feature branch?), export --which online")
+    try:
+        return consolidate_shards([_torch_load(p) for p in paths])
+    except (KeyError, IndexError, ValueError, RuntimeError) as err:
+        raise ExportError(f"{tag_dir}: momentum shards do not fit together ({err})") from None
+
+
+def from_run(run: Path, tag: str | None = None, which: str = "online") -> EncoderExport:
+    """Consolidate one encoder of a run's checkpoint (``latest`` when ``tag`` is None)."""
+    if which not in WHICH:
+        raise ExportError(f"which={which!r}: must be one of {WHICH}")
+    tag_dir = resolve_tag_dir(Path(run), tag)
+    manifest = read_manifest(tag_dir)
+    run_dir = tag_dir.parent.parent
+    cfg = _run_config(run_dir, manifest)
+    state = online_state(tag_dir) if which == "online" else momentum_state(tag_dir, manifest["world_size"])
+    encoder = load_encoder(cfg, state, f"{tag_dir} ({which} encoder)")
+    return EncoderExport(encoder, cfg, {
+        "source": "run", "run_dir": str(run_dir.resolve()), "tag": tag_dir.name, "step": manifest["step"],
+        "world_size": manifest["world_size"], "fingerprint": cfg.fingerprint(), "which": which})
+
+
+def from_official(path: Path, arch: str = "base", which: str = "online") -> EncoderExport:
+    """One encoder of a released BootMAE checkpoint (``momentum`` = its ``model_ema``)."""
+    from .compat import official
+
+    if which not in WHICH:
+        raise ExportError(f"which={which!r}: must be one of {WHICH}")
+    try:
+        blob = official.read_official_checkpoint(path)
+        model = official.load_official_state_dict(blob, arch, use_ema=which == "momentum")
+    except (FileNotFoundError, official.OfficialCheckpointError) as err:
+        raise ExportError(f"{err}; pass the released BootMAE_*_PT.pth and its --arch") from None
+    cfg = load_config(official.ARCH_PRESETS[arch])  # the strict load checked every encoder key and shape
+    return EncoderExport(model.encoder.float().eval(), cfg, {
+        "source": "official", "file": str(Path(path).resolve()), "arch": arch, "epoch": blob.get("epoch"),
+        "fingerprint": cfg.fingerprint(), "which": which})
+
+
+# -- converting ------------------------------------------------------------------------------
+def to_timm_state_dict(encoder: VisionTransformerEncoder) -> dict[str, torch.Tensor]:
+    """Our encoder's weights in timm's ``VisionTransformer(global_pool="avg", fc_norm=True)`` keys."""
+    out: dict[str, torch.Tensor] = {}
+    state = encoder.state_dict()
+    for key, value in state.items():
+        if key.endswith(".attn.q_bias"):
+            v_bias = state[key.replace("q_bias", "v_bias")]
+            value = torch.cat([value, torch.zeros_like(value), v_bias])  # timm's k bias is a zero slot
+            key = key.replace("q_bias", "qkv.bias")
+        elif key.endswith(".attn.v_bias"):
+            continue
+        elif key.startswith("norm."):
+            key = "fc_norm." + key[len("norm."):]
+        out[key] = value.detach().float().contiguous().clone()
+    return out
+
+
+def timm_model_args(cfg: BootMAEConfig) -> dict[str, Any]:
+    """Keyword arguments that make timm's ViT the exported architecture (no classifier)."""
+    m = cfg.model
+    return {"img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.in_chans,
+            "embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads,
+            "mlp_ratio": m.mlp_ratio, "qkv_bias": m.qkv_bias, "class_token": True,
+            "global_pool": "avg", "fc_norm": True, "num_classes": 0}
+
+
+def timm_model_name(cfg: BootMAEConfig) -> tuple[str, bool]:
+    """A timm registry name for the architecture, and whether it alone describes it exactly."""
+    import timm
+
+    m = cfg.model
+    name = f"vit_{m.size}_patch{m.patch_size}_{m.img_size}"
+    if not (m.size and name in timm.list_models()):
+        return "vit_base_patch16_224", False  # any registered ViT will do: the kwargs override it all
+    return name, (m.in_chans, m.mlp_ratio, m.qkv_bias) == (3, 4.0, True)
+
+
+def timm_config(exp: EncoderExport) -> dict[str, Any]:
+    """timm's hub ``config.json`` layout (so ``local-dir:DIR`` loads) plus a ``bootmae`` section."""
+    cfg, m = exp.cfg, exp.cfg.model
+    if m.norm_eps != TIMM_LN_EPS:
+        raise ExportError(f"model.norm_eps={m.norm_eps}: timm's ViT uses {TIMM_LN_EPS}; no exact export")
+    args = timm_model_args(cfg)
+    name, exact = timm_model_name(cfg)
+    extra = "" if exact else "".join(f", {k}={v!r}" for k, v in args.items()
+                                     if k not in ("global_pool", "fc_norm", "num_classes"))
+    mean, std = list(cfg.data.mean), list(cfg.data.std)
+    # timm's ViT-B/L/H registry entries already say mean = std = 0.5 (the BootMAE default)
+    norm = "" if mean == std == [0.5] * 3 else f", mean={tuple(mean)}, std={tuple(std)}"
+    return {
+        "architecture": name, "num_classes": 0, "num_features": m.embed_dim, "global_pool": "avg",
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [m.in_chans, m.img_size, m.img_size], "fixed_input_size": True,
+            "interpolation": "bicubic", "crop_pct": 0.875, "mean": mean, "std": std,
+            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
+        "bootmae": {
+            **exp.provenance,
+            "names": {
+                "norm": "our final LayerNorm (on every token) is timm's fc_norm (after mean pooling); "
+                        "fc_norm(forward_features(x)) gives our normalised tokens",
+                "blocks.*.attn.qkv.bias": "our q_bias and v_bias with a zero k part between them",
+                "pos_embed": "our fixed 2-D sin-cos table (zero cls slot); timm's is learnable",
+                "data.mean/std": "pretrained_cfg.mean/std"},
+            # num_classes=0 in the overlay: timm loads strictly (and fails on the missing head)
+            # when num_classes equals the registry weights' 1000.
+            "load": f"timm.create_model({name!r}, pretrained=True, num_classes=K, global_pool='avg', "
+                    f"pretrained_cfg_overlay=dict(file='DIR/{WEIGHTS}', num_classes=0{norm}){extra})",
+        },
+    }
+
+
+def readme_text(exp: EncoderExport, config: dict[str, Any]) -> str:
+    p, pre = exp.provenance, config["pretrained_cfg"]
+    origin = (f"run `{p['run_dir']}`, checkpoint `{p['tag']}` (step {p['step']}, {p['world_size']} rank(s))"
+              if p["source"] == "run" else f"official `{p['file']}` (arch {p['arch']}, epoch {p['epoch']})")
+    args = ", ".join(f"{k}={v!r}" for k, v in config["model_args"].items())
+    return (
+        f"# BootMAE {p['which']} encoder (fp32)\n\n- source: {origin}\n- encoder: {p['which']}\n"
+        f"- config fingerprint: `{p['fingerprint']}`\n- exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"\n\ntimm `{config['architecture']}` with {args}; inputs normalised with mean {pre['mean']}, std "
+        f"{pre['std']}. DIR is this directory.\n\n```python\nimport timm\n"
+        f"model = timm.create_model(\"local-dir:DIR\", pretrained=True, num_classes=K)\n"
+        f"model = {config['bootmae']['load']}\n```\n\n"
+        "The final LayerNorm is stored as `fc_norm`, which timm applies after mean-pooling the patch tokens "
+        "with `global_pool=\"avg\"` (the official BootMAE fine-tuning head), so every weight loads; "
+        "`model.fc_norm(model.forward_features(x))` equals the pre-training encoder's output. The q/v "
+        "biases are folded into `qkv.bias` with a zero k part.\n")
+
+
+# -- writing ---------------------------------------------------------------------------------
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``force`` (which replaces only the exported files)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory; pass another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out}: not empty; pass another --out, or --force to replace its export files")
+
+
+def write_export(exp: EncoderExport, out: Path, force: bool = False) -> Path:
+    """Write weights, config and README into ``out`` all at once: staged beside it, then renamed."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    check_out_dir(out, force)
+    state = to_timm_state_dict(exp.encoder)
+    config = timm_config(exp)
+    stage = out.parent / f".{out.name}.export-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        meta = {"format": "pt", **{k: str(v) for k, v in exp.provenance.items()}}
+        (stage / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+        save_file(state, str(stage / WEIGHTS), metadata=meta)
+        shutil.copymode(stage / CONFIG, stage / WEIGHTS)  # safetensors writes 0600; honour the umask
+        (stage / README).write_text(readme_text(exp, config))
+        if not out.exists() or not any(out.iterdir()):
+            os.replace(stage, out)  # a rename onto a missing or empty directory: all or nothing
+        else:  # --force into a non-empty directory: replace our files, leave the others alone
+            for name in (WEIGHTS, CONFIG, README):
+                os.replace(stage / name, out / name)
+    except OSError as err:
+        raise ExportError(f"{out}: cannot write the export ({err}); fix that and run again") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out

@@ -1,0 +1,58 @@
+"""Export a pre-trained encoder as timm's ViT (model.safetensors + config.json + README.md).
+
+    python launchers/export.py runs/b800 --out exports/b800                       # latest, online
+    python launchers/export.py runs/b800 --tag step_00100000 --which momentum --out exports/b800_ema
+    python launchers/export.py --official BootMAE_Base_800_PT.pth --arch base --out exports/official_b
+
+Runs on one CPU process whatever the world size of the checkpoint. Exit status 2 on bad input,
+with one line naming the path and what to do; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="export a BootMAE encoder to timm's ViT layout")
+    parser.add_argument("run", nargs="?", type=Path, help="run directory (the pre-training --output-dir)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: latest)")
+    parser.add_argument("--official", type=Path, default=None, help="a released BootMAE_*_PT.pth instead of a run")
+    parser.add_argument("--arch", default="base", choices=("base", "large"), help="architecture of --official")
+    parser.add_argument("--which", default="online", choices=("online", "momentum"), help="which encoder")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--force", action="store_true", help="replace the export files in a non-empty --out")
+    args = parser.parse_args(argv)
+    if (args.run is None) == (args.official is None):
+        parser.error("give either a run directory or --official FILE")
+    if args.official is not None and args.tag is not None:
+        parser.error("--tag applies to a run directory, not to --official")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation never needs a GPU
+    from bootmae_ds.export import ExportError, check_out_dir, from_official, from_run, write_export
+
+    try:
+        check_out_dir(args.out, args.force)  # before the slow part
+        if args.official is not None:
+            exp = from_official(args.official, args.arch, args.which)
+        else:
+            exp = from_run(args.run, args.tag, args.which)
+        out = write_export(exp, args.out, args.force)
+    except ExportError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, for logs and scripts
+        return 2
+    p = exp.provenance
+    where = f"{p['run_dir']} {p['tag']} (step {p['step']})" if p["source"] == "run" else p["file"]
+    print(f"exported the {args.which} encoder of {where} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
