@@ -371,12 +371,15 @@ class LoggingConfig(_Section):
 class RunConfig(_Section):
     """Identity, precision and reproducibility of the run."""
 
-    name: str = Field("bootmae", min_length=1, description="Run name (TensorBoard, logs).")
+    name: str = Field("bootmae", min_length=1, description="Run name, printed with each rank's start-up line.")
     seed: int = Field(0, ge=0, description="Seed of everything random.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool = Field(
+        False, description="torch.compile the model (in place; checkpoints are unchanged). The first "
+        "step then takes a minute or more to compile; off by default as it does not pay on CPU."
+    )
     activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
 
 

@@ -111,7 +111,7 @@ class Trainer:
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        print(f"[rank {self.info.rank}/{self.info.world_size}] local rank {self.info.local_rank} on {node}, "
+        print(f"[{cfg.run.name}] [rank {self.info.rank}/{self.info.world_size}] local rank {self.info.local_rank} on {node}, "
               f"device {self.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
@@ -122,6 +122,8 @@ class Trainer:
         self._save_run_files()
         self.model: BootMAE = build_model(cfg)
         self.model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
+        if cfg.run.compile:
+            self.model.compile()  # in place: parameter names, hence checkpoints, stay the same
         teacher = copy.deepcopy(self.model.encoder) if cfg.uses_teacher else None
         optimizer = build_optimizer(self.model, cfg, self.device.type)
         resume_dir, manifest = self._find_resume(resume)

@@ -188,3 +188,20 @@ def test_frozen_teacher_and_momentum_input_fraction(tmp_path) -> None:
                *_args(tmp_path / "bad", 2, "data.global_batch_size=16", "momentum.policy=frozen",
                       f"momentum.teacher_path={tmp_path / 'missing.safetensors'}")])
     assert bad.returncode != 0 and "missing.safetensors" in bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_steps_agree(tmp_path) -> None:
+    losses, keys = {}, {}
+    for mode in ("false", "true"):
+        out = tmp_path / mode
+        proc = run(["python", "launchers/pretrain.py",
+                    *_args(out, 2, "data.global_batch_size=16", f"run.compile={mode}")], timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        losses[mode] = [(r["loss"], r["loss_pixel"], r["loss_feature"]) for r in _metrics(out)]
+        state = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+                           map_location="cpu", weights_only=False)
+        keys[mode] = sorted(state["module"])
+    assert keys["true"] == keys["false"]  # compiling in place keeps checkpoints interchangeable
+    for eager, compiled in zip(losses["false"], losses["true"]):
+        assert compiled == pytest.approx(eager, rel=1e-4)
