@@ -67,8 +67,9 @@ def load_images(source: Source, size: int, limit: int | None = None) -> Labelled
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: torch.Tensor, mean: tuple[float, ...],
-                     std: tuple[float, ...], batch_size: int = 256) -> torch.Tensor:
-    """Mean-pooled final-norm patch tokens ``[N, D]`` (fp32), in the encoder's device and dtype."""
+                     std: tuple[float, ...], batch_size: int = 256, block: int | None = None) -> torch.Tensor:
+    """Mean-pooled patch tokens ``[N, D]`` (fp32) after block ``block`` (1-based) or, by default,
+    after the final norm; computed in the encoder's device and dtype."""
     param = next(encoder.parameters())
     m = torch.tensor(mean, device=param.device).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, device=param.device).view(1, 3, 1, 1) * 255
@@ -76,8 +77,11 @@ def extract_features(encoder: torch.nn.Module, images: torch.Tensor, mean: tuple
     encoder.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = (images[start: start + batch_size].to(param.device).float() - m) / s
-        tokens = encoder.forward_features(x.to(param.dtype))  # [B, 1+N, D]
+        x = ((images[start: start + batch_size].to(param.device).float() - m) / s).to(param.dtype)
+        if block is None:
+            tokens = encoder.forward_features(x)  # [B, 1+N, D]
+        else:
+            tokens = encoder(x, None, return_blocks=(block - 1,)).block_outputs[block - 1]
         out.append(tokens[:, 1:].float().mean(dim=1).cpu())
     encoder.train(was_training)
     return torch.cat(out)

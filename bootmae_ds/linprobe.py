@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .knn import LabelledImages
+from .knn import LabelledImages, extract_features
 
 
 @dataclass(frozen=True)
@@ -28,27 +28,6 @@ class ProbeSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
-
-
-@torch.no_grad()
-def block_features(encoder: torch.nn.Module, data: LabelledImages, mean: tuple[float, ...],
-                   std: tuple[float, ...], block: int | None, batch_size: int = 256) -> torch.Tensor:
-    """Mean-pooled patch tokens ``[N, D]`` after block ``block`` (1-based; None = final norm)."""
-    param = next(encoder.parameters())
-    m = torch.tensor(mean, device=param.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=param.device).view(1, 3, 1, 1) * 255
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for start in range(0, len(data.images), batch_size):
-        x = ((data.images[start: start + batch_size].to(param.device).float() - m) / s).to(param.dtype)
-        if block is None:
-            tokens = encoder.forward_features(x)
-        else:
-            tokens = encoder(x, None, return_blocks=(block - 1,)).block_outputs[block - 1]
-        out.append(tokens[:, 1:].float().mean(dim=1).cpu())
-    encoder.train(was_training)
-    return torch.cat(out)
 
 
 def train_probe(train: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
@@ -90,8 +69,8 @@ def probe_accuracy(head: nn.Module, features: torch.Tensor, labels: torch.Tensor
 def linear_probe(encoder: torch.nn.Module, train: LabelledImages, val: LabelledImages, mean: tuple[float, ...],
                  std: tuple[float, ...], settings: ProbeSettings = ProbeSettings()) -> dict[str, float]:
     """Train the probe on ``train`` and return its top-1/top-5 (%) on ``val``."""
-    f_train = block_features(encoder, train, mean, std, settings.block)
-    f_val = block_features(encoder, val, mean, std, settings.block)
+    f_train = extract_features(encoder, train.images, mean, std, block=settings.block)
+    f_val = extract_features(encoder, val.images, mean, std, block=settings.block)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     head = train_probe(f_train, train.labels, num_classes, settings)
     return {**probe_accuracy(head, f_val, val.labels),

@@ -7,7 +7,8 @@ import json
 import torch
 
 from bootmae_ds.knn import LabelledImages
-from bootmae_ds.linprobe import ProbeSettings, block_features, probe_accuracy, train_probe
+from bootmae_ds.knn import extract_features
+from bootmae_ds.linprobe import ProbeSettings, probe_accuracy, train_probe
 from bootmae_ds.models import build_model
 from conftest import tiny_config
 from distributed import run
@@ -37,9 +38,9 @@ def test_block_features_pool_the_requested_block() -> None:
     with torch.no_grad():
         out = encoder(x, None, return_blocks=(1,))
         last = encoder.forward_features(x)
-    torch.testing.assert_close(block_features(encoder, data, cfg.data.mean, cfg.data.std, 2),
+    torch.testing.assert_close(extract_features(encoder, data.images, cfg.data.mean, cfg.data.std, block=2),
                                out.block_outputs[1][:, 1:].mean(dim=1))
-    torch.testing.assert_close(block_features(encoder, data, cfg.data.mean, cfg.data.std, None),
+    torch.testing.assert_close(extract_features(encoder, data.images, cfg.data.mean, cfg.data.std, block=None),
                                last[:, 1:].mean(dim=1))
 
 
