@@ -136,6 +136,17 @@ def find_resume_dir(ckpt_dir: Path, resume: str) -> Path | None:
     return tags[-1] if tags else None
 
 
+def choose_resume(ckpt_dir: Path, resume: str, config: dict[str, Any], world_size: int,
+                  allow_resize: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume and its validated manifest: rank 0 decides, every rank gets it."""
+    choice = [str(find_resume_dir(ckpt_dir, resume) or "")] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(choice, src=0)
+    if not choice[0]:
+        return None, None
+    tag_dir = Path(choice[0])
+    return tag_dir, validate_checkpoint(tag_dir, config, world_size, allow_resize=allow_resize)
+
+
 def validate_checkpoint(tag_dir: Path, config: dict[str, Any], world_size: int,
                         allow_resize: bool = False) -> dict[str, Any]:
     """Check a checkpoint before loading: files whole, same model/method, same world size

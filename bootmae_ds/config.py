@@ -14,7 +14,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -508,23 +508,31 @@ def _explain(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def build_config(data: dict[str, Any]) -> BootMAEConfig:
-    """Validate a plain dict into a ``BootMAEConfig`` or raise ``ConfigError``."""
+Tree = TypeVar("Tree", bound=BaseModel)
+
+
+def build_config(data: dict[str, Any], root: type[Tree] | None = None) -> Tree:
+    """Validate a plain dict into ``root`` (default ``BootMAEConfig``) or raise ``ConfigError``."""
     try:
-        return BootMAEConfig.model_validate(data)
+        return (root or BootMAEConfig).model_validate(data)  # type: ignore[return-value]
     except ValidationError as err:
         raise ConfigError(_explain(err)) from None
 
 
-def load_config(source: str | Path = "vit_base_800ep", overrides: list[str] | None = None) -> BootMAEConfig:
-    """Load a preset name or YAML path, apply dotted overrides, validate."""
+def load_tree(source: str | Path, overrides: list[str] | None, root: type[Tree]) -> Tree:
+    """Load a preset name or YAML path into the tree ``root``, apply dotted overrides, validate."""
     data = _read_yaml(source)
     for override in overrides or []:
         apply_override(data, override)
-    return build_config(data)
+    return build_config(data, root)
 
 
-def describe() -> str:
+def load_config(source: str | Path = "vit_base_800ep", overrides: list[str] | None = None) -> BootMAEConfig:
+    """Load a pre-training preset name or YAML path, apply dotted overrides, validate."""
+    return load_tree(source, overrides, BootMAEConfig)
+
+
+def describe(root: type[BaseModel] | None = None) -> str:
     """Every field with its default and description, for `bootmae-config --describe`."""
     out: list[str] = []
 
@@ -538,7 +546,7 @@ def describe() -> str:
                 default = field.get_default(call_default_factory=True)
                 out.append(f"  {prefix}{name} = {default!r}  # {field.description}")
 
-    walk(BootMAEConfig, "")
+    walk(root or BootMAEConfig, "")
     return "\n".join(out)
 
 

@@ -47,6 +47,7 @@ class EncoderExport:
     encoder: VisionTransformerEncoder
     cfg: BootMAEConfig
     provenance: dict[str, Any]
+    head: torch.nn.Linear | None = None  # a fine-tuned classifier's head, exported as timm's ``head``
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -184,9 +185,14 @@ def from_official(path: Path, arch: str = "base", which: str = "online") -> Enco
 
 
 # -- converting ------------------------------------------------------------------------------
-def to_timm_state_dict(encoder: VisionTransformerEncoder) -> dict[str, torch.Tensor]:
-    """Our encoder's weights in timm's ``VisionTransformer(global_pool="avg", fc_norm=True)`` keys."""
+def to_timm_state_dict(encoder: VisionTransformerEncoder,
+                       head: torch.nn.Linear | None = None) -> dict[str, torch.Tensor]:
+    """Our encoder's (and a classifier head's) weights in timm's
+    ``VisionTransformer(global_pool="avg", fc_norm=True)`` keys."""
     out: dict[str, torch.Tensor] = {}
+    if head is not None:
+        out["head.weight"] = head.weight.detach().float().contiguous().clone()
+        out["head.bias"] = head.bias.detach().float().contiguous().clone()
     state = encoder.state_dict()
     for key, value in state.items():
         if key.endswith(".attn.q_bias"):
@@ -226,20 +232,22 @@ def timm_config(exp: EncoderExport) -> dict[str, Any]:
     cfg, m = exp.cfg, exp.cfg.model
     if m.norm_eps != TIMM_LN_EPS:
         raise ExportError(f"model.norm_eps={m.norm_eps}: timm's ViT uses {TIMM_LN_EPS}; no exact export")
-    args = timm_model_args(cfg)
+    classes = exp.head.out_features if exp.head is not None else 0
+    args = timm_model_args(cfg) | {"num_classes": classes}
     name, exact = timm_model_name(cfg)
     extra = "" if exact else "".join(f", {k}={v!r}" for k, v in args.items()
                                      if k not in ("global_pool", "fc_norm", "num_classes"))
+    k = classes or "K"
     mean, std = list(cfg.data.mean), list(cfg.data.std)
     # timm's ViT-B/L/H registry entries already say mean = std = 0.5 (the BootMAE default)
     norm = "" if mean == std == [0.5] * 3 else f", mean={tuple(mean)}, std={tuple(std)}"
     return {
-        "architecture": name, "num_classes": 0, "num_features": m.embed_dim, "global_pool": "avg",
+        "architecture": name, "num_classes": classes, "num_features": m.embed_dim, "global_pool": "avg",
         "model_args": args,
         "pretrained_cfg": {
             "input_size": [m.in_chans, m.img_size, m.img_size], "fixed_input_size": True,
             "interpolation": "bicubic", "crop_pct": 0.875, "mean": mean, "std": std,
-            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
+            "num_classes": classes, "first_conv": "patch_embed.proj", "classifier": "head"},
         "bootmae": {
             **exp.provenance,
             "names": {
@@ -250,19 +258,25 @@ def timm_config(exp: EncoderExport) -> dict[str, Any]:
                 "data.mean/std": "pretrained_cfg.mean/std"},
             # num_classes=0 in the overlay: timm loads strictly (and fails on the missing head)
             # when num_classes equals the registry weights' 1000.
-            "load": f"timm.create_model({name!r}, pretrained=True, num_classes=K, global_pool='avg', "
-                    f"pretrained_cfg_overlay=dict(file='DIR/{WEIGHTS}', num_classes=0{norm}){extra})",
+            "load": f"timm.create_model({name!r}, pretrained=True, num_classes={k}, global_pool='avg', "
+                    f"pretrained_cfg_overlay=dict(file='DIR/{WEIGHTS}', num_classes={classes}{norm}){extra})",
         },
     }
 
 
 def readme_text(exp: EncoderExport, config: dict[str, Any]) -> str:
     p, pre = exp.provenance, config["pretrained_cfg"]
-    origin = (f"run `{p['run_dir']}`, checkpoint `{p['tag']}` (step {p['step']}, {p['world_size']} rank(s))"
-              if p["source"] == "run" else f"official `{p['file']}` (arch {p['arch']}, epoch {p['epoch']})")
+    if p["source"] == "run":
+        origin = f"run `{p['run_dir']}`, checkpoint `{p['tag']}` (step {p['step']}, {p['world_size']} rank(s))"
+    elif p["source"] == "finetune":
+        origin = (f"fine-tuning run `{p['run_dir']}`, epoch {p['epoch']} (step {p['step']}): top-1 "
+                  f"{p['top1']:.2f}% on `{p['val']}`; encoder from {p['init']}")
+    else:
+        origin = f"official `{p['file']}` (arch {p['arch']}, epoch {p['epoch']})"
+    what = f"{p['num_classes']}-class classifier" if p["source"] == "finetune" else "encoder"
     args = ", ".join(f"{k}={v!r}" for k, v in config["model_args"].items())
     return (
-        f"# BootMAE {p['which']} encoder (fp32)\n\n- source: {origin}\n- encoder: {p['which']}\n"
+        f"# BootMAE {p['which']} {what} (fp32)\n\n- source: {origin}\n- weights: {p['which']}\n"
         f"- config fingerprint: `{p['fingerprint']}`\n- exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f"\n\ntimm `{config['architecture']}` with {args}; inputs normalised with mean {pre['mean']}, std "
         f"{pre['std']}. DIR is this directory.\n\n```python\nimport timm\n"
@@ -289,7 +303,7 @@ def write_export(exp: EncoderExport, out: Path, force: bool = False) -> Path:
 
     out = Path(out)
     check_out_dir(out, force)
-    state = to_timm_state_dict(exp.encoder)
+    state = to_timm_state_dict(exp.encoder, exp.head)
     config = timm_config(exp)
     stage = out.parent / f".{out.name}.export-{os.getpid()}"
     try:

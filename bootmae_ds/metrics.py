@@ -12,6 +12,8 @@ import torch
 from .config import BootMAEConfig
 from .models import BootMAE
 
+EVAL_PREFIXES = ("knn_", "eval_")
+CONSOLE_EVALS = (("knn_top1", "k-NN top-1"), ("eval_top1", "val top-1"), ("eval_ema_top1", "EMA val top-1"))
 # Dense bf16 matmul peaks (TFLOP/s) of common training GPUs, for MFU when not configured.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
@@ -99,9 +101,10 @@ class MetricsLogger:
             self.start_step, self.start_time = step - 1, time.perf_counter()
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
-        if self.writer is not None and "knn_top1" in row:
-            self.writer.add_scalar("eval/knn_top1", row["knn_top1"], step)
-            self.writer.add_scalar("eval/knn_top5", row["knn_top5"], step)
+        if self.writer is not None:  # evaluations are rare: always on TensorBoard
+            for key, value in row.items():
+                if key.startswith(EVAL_PREFIXES):
+                    self.writer.add_scalar(f"eval/{key}", value, step)
         if step % self.every and step != self.total_steps:
             return
         if self.writer is not None:
@@ -111,10 +114,13 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self.start_time
         rate = (step - self.start_step) / max(elapsed, 1e-9)
         eta = (self.total_steps - step) / max(rate, 1e-9)
-        print(f"step {step}/{self.total_steps}  epoch {row['epoch']}  loss {row['loss']:.4f} "
-              f"(pix {row['loss_pixel']:.4f} feat {row['loss_feature']:.4f})  lr {row['lr']:.3g}  "
-              f"{row['samples_per_s']:.0f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
-              + (f"  k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""), flush=True)
+        parts = [f"step {step}/{self.total_steps}", f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
+        if "loss_pixel" in row:
+            parts[-1] += f" (pix {row['loss_pixel']:.4f} feat {row['loss_feature']:.4f})"
+        parts += [f"lr {row['lr']:.3g}", f"{row['samples_per_s']:.0f} img/s",
+                  f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+        parts += [f"{label} {row[key]:.1f}%" for key, label in CONSOLE_EVALS if key in row]
+        print("  ".join(parts), flush=True)
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         if self.writer is not None:

@@ -35,27 +35,25 @@ class ParamSlot:
 class ShardedMomentumEncoder:
     """EMA of the encoder's ZeRO-2 fp32 partitions plus a gathered target encoder."""
 
-    def __init__(self, engine: Any, target: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, engine: Any, target: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                 prefix: str = ENCODER_PREFIX) -> None:
+        """``target`` is a copy of the submodule named ``prefix`` (``""``: the whole model)."""
         zero = engine.optimizer
         self.zero = zero
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self.dtype = dtype
-        names = {p: n for n, p in engine.module.named_parameters()}
-        groups = [i for i, g in enumerate(zero.optimizer.param_groups) if g["name"].startswith("encoder")]
+        self.prefix = prefix
+        groups = owned_groups(engine, prefix)
         if not groups:
-            raise RuntimeError("no encoder param groups in the optimizer: build it with bootmae_ds.optim")
+            raise RuntimeError(f"no optimizer param group holds only {prefix!r} parameters: "
+                               f"build it with bootmae_ds.optim")
         self.group_ids = groups
         self.ema = [zero.single_partition_of_fp32_groups[g].detach().clone() for g in groups]
         self.partition_sizes = [e.numel() for e in self.ema]
         device = self.ema[0].device
         self.buffers = [torch.empty(self.world_size * n, dtype=dtype, device=device) for n in self.partition_sizes]
-        self.slots: list[ParamSlot] = []
-        for k, g in enumerate(groups):
-            flat = zero.bit16_groups_flat[g]
-            for p in zero.bit16_groups[g]:
-                offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
-                self.slots.append(ParamSlot(names[p][len(ENCODER_PREFIX):], k, offset, tuple(p.shape)))
+        self.slots = zero_slots(engine, groups, prefix)
         self.target = target.to(device=device).requires_grad_(False).eval()
         self._bind_target(engine.module)
         self.gather()
@@ -69,13 +67,16 @@ class ShardedMomentumEncoder:
             own[slot.name].data = self.buffers[slot.group][slot.offset: slot.offset + numel].view(slot.shape)
             bound.add(slot.name)
         for name, param in module.named_parameters():
-            if name.startswith(ENCODER_PREFIX) and not param.requires_grad:
-                short = name[len(ENCODER_PREFIX):]
+            if name.startswith(self.prefix) and not param.requires_grad:
+                short = name[len(self.prefix):]
                 own[short].data = param.detach().to(self.dtype).clone()
                 bound.add(short)
         missing = set(own) - bound
         if missing:
-            raise RuntimeError(f"target encoder parameters without a source: {sorted(missing)}")
+            raise RuntimeError(f"target parameters without a source: {sorted(missing)}")
+        for name, buf in module.named_buffers():  # e.g. BatchNorm statistics: copied, not averaged
+            if name.startswith(self.prefix):
+                self.target.get_buffer(name[len(self.prefix):]).copy_(buf)
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
@@ -90,6 +91,10 @@ class ShardedMomentumEncoder:
         """All-gather every rank's EMA slices into the target encoder's weights."""
         for ema, buf in zip(self.ema, self.buffers):
             _all_gather_flat(buf, ema.to(self.dtype))
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole fp32 EMA on every rank (a collective: call it on all ranks)."""
+        return gather_full_fp32(self.ema, self.slots)
 
     @property
     def local_bytes(self) -> int:
@@ -131,6 +136,46 @@ class ShardedMomentumEncoder:
                 flat[s.offset: s.offset + value.numel()] = value
             ema.copy_(flat[self.rank * size: (self.rank + 1) * size].to(ema.device))
         self.gather()
+
+
+def owned_groups(engine: Any, prefix: str) -> list[int]:
+    """Indices of the ZeRO param groups whose parameters all lie under ``prefix``."""
+    names = {p: n for n, p in engine.module.named_parameters()}
+    return [i for i, params in enumerate(engine.optimizer.bit16_groups)
+            if all(names[p].startswith(prefix) for p in params)]
+
+
+def zero_slots(engine: Any, groups: list[int], prefix: str) -> list[ParamSlot]:
+    """Where each parameter of ``groups`` lies in its group's flat buffer (names without ``prefix``)."""
+    zero = engine.optimizer
+    names = {p: n for n, p in engine.module.named_parameters()}
+    slots = []
+    for k, g in enumerate(groups):
+        flat = zero.bit16_groups_flat[g]
+        for p in zero.bit16_groups[g]:
+            offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+            slots.append(ParamSlot(names[p][len(prefix):], k, offset, tuple(p.shape)))
+    return slots
+
+
+@torch.no_grad()
+def gather_full_fp32(partitions: list[torch.Tensor], slots: list[ParamSlot]) -> dict[str, torch.Tensor]:
+    """All-gather per-rank fp32 partitions into a full state dict on CPU (every rank must call)."""
+    world = dist.get_world_size()
+    flats = []
+    for part in partitions:
+        flat = torch.empty(world * part.numel(), dtype=torch.float32, device=part.device)
+        _all_gather_flat(flat, part.float().contiguous())
+        flats.append(flat.cpu())
+    return {s.name: flats[s.group][s.offset: s.offset + int(torch.Size(s.shape).numel())].view(s.shape).clone()
+            for s in slots}
+
+
+def online_full_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The trained model's fp32 master weights, whole, on every rank (a collective)."""
+    groups = list(range(len(engine.optimizer.bit16_groups)))
+    parts = [engine.optimizer.single_partition_of_fp32_groups[g] for g in groups]
+    return gather_full_fp32(parts, zero_slots(engine, groups, ""))
 
 
 def consolidate_shards(shards: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -44,8 +44,23 @@ def build_optimizer(model: nn.Module, cfg: BootMAEConfig, device_type: str) -> t
     return torch.optim.AdamW(param_groups(model), lr=o.base_lr, betas=o.betas, eps=o.eps, **kwargs)
 
 
+def layer_decay_groups(model: nn.Module, layer_decay: float) -> list[dict]:
+    """timm's layer-wise lr decay groups (by ``model.group_matcher``), one per layer and decay kind,
+    each with ``lr_scale = layer_decay ** (last layer - layer)``, ``name`` and ``apply_decay``."""
+    from timm.optim import param_groups_layer_decay
+
+    no_decay = sorted(getattr(model, "no_weight_decay", lambda: set())())
+    groups = param_groups_layer_decay(model, weight_decay=1.0, no_weight_decay_list=no_decay,
+                                      layer_decay=layer_decay)
+    for i, group in enumerate(groups):
+        group["apply_decay"] = group.pop("weight_decay") > 0
+        group["name"] = f"layer_group_{i}_{'decay' if group['apply_decay'] else 'no_decay'}"
+        group["weight_decay"] = 0.0
+    return groups
+
+
 def set_hyperparameters(optimizer, lr: float, weight_decay: float) -> None:
-    """Write this step's lr and weight decay into every param group."""
+    """Write this step's lr (times a group's ``lr_scale``) and weight decay into every group."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay if group.get("apply_decay") else 0.0

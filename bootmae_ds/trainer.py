@@ -86,6 +86,13 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def announce(name: str, info: DistInfo) -> None:
+    """One start-up line per rank: where it runs and whom it rendezvoused with."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"[{name}] [rank {info.rank}/{info.world_size}] local rank {info.local_rank} on {node}, "
+          f"device {info.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+
+
 def _load_frozen_teacher(encoder: torch.nn.Module, path: str) -> None:
     """Load an encoder state dict (safetensors or torch) into the frozen teacher, strictly."""
     file = Path(path)
@@ -110,9 +117,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
-        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        print(f"[{cfg.run.name}] [rank {self.info.rank}/{self.info.world_size}] local rank {self.info.local_rank} on {node}, "
-              f"device {self.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+        announce(cfg.run.name, self.info)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
         torch.manual_seed(cfg.run.seed)
@@ -126,7 +131,8 @@ class Trainer:
             self.model.compile()  # in place: parameter names, hence checkpoints, stay the same
         teacher = copy.deepcopy(self.model.encoder) if cfg.uses_teacher else None
         optimizer = build_optimizer(self.model, cfg, self.device.type)
-        resume_dir, manifest = self._find_resume(resume)
+        resume_dir, manifest = ckpt.choose_resume(self.ckpt_dir, resume, self._fingerprint_config(),
+                                                  self.info.world_size, cfg.checkpoint.allow_resize)
         resized = manifest is not None and manifest["world_size"] != self.info.world_size
         if resized:
             ckpt.ensure_universal(resume_dir)
@@ -176,17 +182,6 @@ class Trainer:
             _load_frozen_teacher(teacher, m.teacher_path)
             return _FrozenTeacher(teacher.to(self.device, dtype))
         return ShardedMomentumEncoder(self.engine, teacher, dtype)
-
-    def _find_resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to resume (rank 0 decides, all ranks load the same one) and its manifest."""
-        choice = [str(ckpt.find_resume_dir(self.ckpt_dir, resume) or "")] if self.info.is_main else [None]
-        dist.broadcast_object_list(choice, src=0)
-        if not choice[0]:
-            return None, None
-        tag_dir = Path(choice[0])
-        manifest = ckpt.validate_checkpoint(tag_dir, self._fingerprint_config(), self.info.world_size,
-                                            allow_resize=self.cfg.checkpoint.allow_resize)
-        return tag_dir, manifest
 
     def _fingerprint_config(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""

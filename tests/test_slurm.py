@@ -32,13 +32,14 @@ def cluster():
         subprocess.run(["bash", str(SLURM / "stop.sh")], env=env, capture_output=True, text=True, timeout=120)
 
 
-def _sbatch(env: dict, out: Path, run_dir: Path, *args: str, wait: bool) -> subprocess.CompletedProcess:
+def _sbatch(env: dict, out: Path, run_dir: Path, *args: str, wait: bool,
+            template: str = "pretrain") -> subprocess.CompletedProcess:
     cmd = ["sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
            "--partition=debug", "--time=15", f"--output={out}/job-%j.out",
            f"--export=ALL,DS_ACCELERATOR=cpu,RUN_DIR={run_dir}"]
     if wait:
         cmd.append("--wait")
-    return subprocess.run([*cmd, "launchers/slurm/pretrain.sbatch", *args], cwd=ROOT, env=env,
+    return subprocess.run([*cmd, f"launchers/slurm/{template}.sbatch", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -58,6 +59,20 @@ def test_two_nodes_join_one_world(cluster, tmp_path) -> None:
     assert [r["step"] for r in _steps(run_dir)] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
     assert "[sbatch] training finished" in log and "requeue" not in log.split("run dir")[-1]
+
+
+@pytest.mark.slow
+def test_finetune_template_runs_on_two_nodes(cluster, tmp_path) -> None:
+    run_dir = tmp_path / "ft"
+    job = _sbatch(cluster, tmp_path, run_dir, "--config", "demo", "--max-steps", "4", "--set", "init.config=demo",
+                  "data.num_workers=1", "data.micro_batch_size=8", "data.global_batch_size=16",
+                  "schedule.steps_per_epoch=2", "data.val_limit=64", wait=True, template="finetune")
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert job.returncode == 0, log[-3000:]
+    assert "[rank 0/2] local rank 0 on node1" in log and "[rank 1/2] local rank 0 on node2" in log
+    rows = _steps(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows if "eval_top1" in r] == [2, 4]
+    assert (run_dir / "best" / "model.safetensors").is_file() and "[sbatch] training finished" in log
 
 
 @pytest.mark.slow

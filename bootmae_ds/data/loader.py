@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class StreamingDataset(IterableDataset):
     """One rank's micro-batches of one epoch, from micro-batch ``start`` on, split over workers."""
 
     source: Source
-    transform: SampleTransform
+    transform: Callable[[bytes | torch.Tensor, int, str], tuple[torch.Tensor, torch.Tensor | None]]
     rank: int
     world_size: int
     workers: int  # logical workers: max(1, DataLoader num_workers)
@@ -171,9 +171,10 @@ class StreamingDataset(IterableDataset):
             out[i] = self.transform(raws[src].data, self.epoch, raws[i].key)  # type: ignore[arg-type]
             keys[i], labels[i] = raws[src].key, raws[src].label
         images, masks = zip(*out)  # type: ignore[misc]
-        return {
-            "images": torch.stack(images),
-            "masks": torch.stack(masks),
+        batch: Batch = {"images": torch.stack(images)}
+        if masks[0] is not None:  # labelled (fine-tuning) transforms make no masks
+            batch["masks"] = torch.stack(masks)
+        return batch | {
             "labels": torch.tensor(labels, dtype=torch.int64),
             "keys": keys,
             "corrupt": len(errors),
@@ -286,9 +287,14 @@ def open_source(cfg: BootMAEConfig) -> Source:
 
 
 def build_train_loader(
-    cfg: BootMAEConfig, *, rank: int, world_size: int, state: dict[str, Any] | None = None
+    cfg: BootMAEConfig, *, rank: int, world_size: int, state: dict[str, Any] | None = None,
+    transform: Callable[[bytes | torch.Tensor, int, str], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> TrainLoader:
-    """The training loader of ``rank`` among ``world_size`` ranks (see the module docstring)."""
+    """The training loader of ``rank`` among ``world_size`` ranks (see the module docstring).
+
+    ``transform(data, epoch, key) -> (uint8 image, mask or None)`` replaces the pre-training
+    crop + flip + mask (fine-tuning passes its labelled transform; only ``cfg.data``,
+    ``cfg.run.seed`` and ``cfg.model.img_size`` are read then)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     d = cfg.data
@@ -297,7 +303,7 @@ def build_train_loader(
     total = source.num_samples if d.num_samples is None else min(d.num_samples, source.num_samples)
     dataset = StreamingDataset(
         source=source,
-        transform=SampleTransform.from_config(cfg),
+        transform=transform or SampleTransform.from_config(cfg),
         rank=rank,
         world_size=world_size,
         workers=max(1, d.num_workers),

@@ -1,0 +1,314 @@
+"""The fine-tuning loop: build, resume, loop, evaluate, log, checkpoint, keep the best.
+
+Same engine, checkpoints, signals and logs as pre-training (``bootmae_ds.trainer``): ZeRO-2 with
+a client AdamW whose groups carry layer-wise lr scales, an optional model EMA kept as sharded
+fp32 (the momentum encoder's machinery, over the whole classifier), top-1/top-5 on the held-out
+set every ``eval.every_epochs`` epochs and at the end, and ``RUN/best/`` holding the best
+classifier (online or EMA) in timm's layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from ..dist import DistInfo, init_distributed
+from ..ds_config import build_ds_config, resolve_precision
+from ..metrics import MetricsLogger, device_peak_tflops
+from ..momentum import ShardedMomentumEncoder, online_full_state
+from ..optim import layer_decay_groups, set_hyperparameters
+from ..schedules import Schedules
+from ..trainer import DTYPES, EXIT_NONFINITE, EXIT_PREEMPTED, Preemption, _any_rank, announce
+from .config import FinetuneConfig
+from .data import DeviceAugment, LabelledTransform, eval_batches, soft_cross_entropy
+from .model import ViTClassifier, build_classifier
+
+BEST = "best"
+
+
+@dataclass
+class FinetuneState:
+    """Everything besides weights that a resume needs (saved in every checkpoint)."""
+
+    step: int = 0
+    samples: int = 0
+    data: dict[str, Any] | None = None
+    skipped_total: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    best_which: str = ""
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, augment: DeviceAugment, device: torch.device,
+             dtype: torch.dtype) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean cross-entropy over every rank's share of the held-out set."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, count
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        logits = model(augment.normalise(batch["images"].to(device)).to(dtype)).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                             torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                             torch.tensor(len(labels), device=device)]).double()
+    dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
+            "images": int(sums[3].item())}
+
+
+class FinetuneTrainer:
+    """Holds the engine, the model EMA, the loaders and the run state."""
+
+    def __init__(self, cfg: FinetuneConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.info: DistInfo = init_distributed()
+        self.device = self.info.device
+        announce(cfg.run.name, self.info)
+        model, pre, self.provenance = build_classifier(cfg)
+        self._resolve_from_pretraining(pre)
+        self.pre = pre
+        self.precision = resolve_precision(cfg, self.info.accelerator)
+        self.dtype = DTYPES[self.precision]
+        self.ds_config = build_ds_config(cfg, self.info.world_size, self.precision)
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self._save_run_files()
+        model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
+        if cfg.run.compile:
+            model.compile()
+        self.export_model = copy.deepcopy(model) if self.info.is_main else None  # fp32 CPU, for RUN/best
+        ema_copy = copy.deepcopy(model) if cfg.ema.enabled else None
+        o = cfg.optim
+        kwargs = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        optimizer = torch.optim.AdamW(layer_decay_groups(model, o.layer_decay), lr=o.base_lr, betas=o.betas,
+                                      eps=o.eps, **kwargs)
+        _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path, erasing, mixup: per rank
+        resume_dir, manifest = ckpt.choose_resume(self.ckpt_dir, resume, self._fingerprint(),
+                                                  self.info.world_size, cfg.checkpoint.allow_resize)
+        resized = manifest is not None and manifest["world_size"] != self.info.world_size
+        if resized:
+            ckpt.ensure_universal(resume_dir)
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.ema = ShardedMomentumEncoder(self.engine, ema_copy, self.dtype, prefix="") if ema_copy else None
+        self.state = FinetuneState()
+        if resume_dir is not None:
+            self.state = FinetuneState(**ckpt.load_checkpoint(self.engine, self.ema, resume_dir, manifest))
+            if self.info.is_main:
+                print(f"resumed from {resume_dir} at step {self.state.step}", flush=True)
+        mean, std = cfg.data.mean, cfg.data.std
+        transform = LabelledTransform(cfg.model.img_size, cfg.run.seed, cfg.augment, mean)
+        self.loader = _build_loader(cfg, self.info, None if resized else self.state.data, transform)
+        if resized and self.state.data:
+            self.loader.epoch = self.state.data["epoch"] + (1 if self.state.data["batches"] else 0)
+        self.schedules = Schedules(cfg, cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1))
+        self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
+        self.augment = DeviceAugment(cfg, mean, std, self.device)
+        from ..knn import open_eval_source
+
+        self.val_source = open_eval_source(cfg.data.val, cfg)  # type: ignore[arg-type]
+        self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)  # type: ignore[arg-type]
+        self.peak = device_peak_tflops(cfg, self.device)  # type: ignore[arg-type]
+        self.preemption = Preemption()
+
+    # -- build ------------------------------------------------------------------------------
+    def _resolve_from_pretraining(self, pre) -> None:
+        """Fill what the config leaves to the pre-training run: resolution, mean and std."""
+        if self.cfg.model.img_size is None:
+            self.cfg.model.img_size = pre.model.img_size
+        if self.cfg.data.mean is None:
+            self.cfg.data.mean = pre.data.mean
+        if self.cfg.data.std is None:
+            self.cfg.data.std = pre.data.std
+
+    def _save_run_files(self) -> None:
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            (self.run_dir / "init.json").write_text(json.dumps(self.provenance, indent=1, default=str) + "\n")
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The parts of the config a checkpoint must agree with to be resumed."""
+        dump = self.cfg.model_dump(mode="json")
+        return {k: dump[k] for k in ("init", "model", "augment", "optim", "schedule", "ema")} | {
+            "data": {k: dump["data"][k] for k in ("global_batch_size", "micro_batch_size", "train")},
+            "seed": dump["run"]["seed"]}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
+        skipped_in_row, loss_sum, micro, wait = 0, 0.0, 0, 0.0
+        step_start = wait_start = time.perf_counter()
+        while self.state.step < self.total_steps:
+            for batch in self.loader:
+                wait += time.perf_counter() - wait_start
+                step = self.state.step
+                lr = self.schedules.lr(step)
+                set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
+                images, targets = self.augment(batch["images"].to(self.device, non_blocking=True),
+                                               batch["labels"].to(self.device, non_blocking=True), batch["keys"])
+                loss = soft_cross_entropy(self.engine(images.to(self.dtype)), targets)
+                self.engine.backward(loss)
+                loss_sum, micro = loss_sum + loss.item(), micro + 1
+                before = self.engine.global_steps
+                self.engine.step()
+                if self.engine.global_steps == before:
+                    wait_start = time.perf_counter()
+                    continue
+                applied = self.engine.was_step_applied()
+                if applied and self.ema is not None:
+                    self.ema.update(self.cfg.ema.decay)
+                self.state.step += 1
+                self.state.samples += self.cfg.data.global_batch_size
+                self.state.data = self.loader.state_dict()
+                skipped_in_row = 0 if applied else skipped_in_row + 1
+                self.state.skipped_total += 0 if applied else 1
+                row = self._train_row(loss_sum / micro, lr, step, time.perf_counter() - step_start, wait)
+                evaluated = self._maybe_evaluate(row)
+                self.metrics.log(self.state.step, row)
+                loss_sum, micro, wait, step_start = 0.0, 0, 0.0, time.perf_counter()
+                status = self._after_step(skipped_in_row, evaluated)
+                if status is not None:
+                    return status
+                if self.state.step >= self.total_steps:
+                    break
+                wait_start = time.perf_counter()
+        self._save()
+        self.metrics.close()
+        return 0
+
+    def _train_row(self, loss: float, lr: float, step: int, elapsed: float, wait: float) -> dict[str, Any]:
+        t = torch.tensor([loss], device=self.device)
+        dist.all_reduce(t)
+        rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
+        row = {"epoch": self.schedules.epoch(step), "loss": t.item() / self.info.world_size, "lr": lr,
+               "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+               "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
+               "samples_per_s": rate, "samples_per_s_per_device": rate / self.info.world_size,
+               "step_time_s": elapsed, "data_wait_s": wait}
+        if self.device.type == "cuda":
+            row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return row
+
+    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
+        """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""
+        step, per_epoch = self.state.step, self.schedules.steps_per_epoch
+        epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.eval.every_epochs == 0
+        if not (epoch_end or step == self.total_steps):
+            return False
+        scores = {"online": self._evaluate(self.engine.module)}
+        if self.ema is not None:
+            self.ema.gather()
+            scores["ema"] = self._evaluate(self.ema.target)
+        for which, s in scores.items():
+            tag = "eval_" if which == "online" else "eval_ema_"
+            row.update({f"{tag}top1": s["top1"], f"{tag}top5": s["top5"], f"{tag}loss": s["loss"]})
+        which = max(scores, key=lambda k: scores[k]["top1"])
+        if self.info.is_main:
+            print(f"eval after step {step} (epoch {step / per_epoch:.2f}): " + "  ".join(
+                f"{k} top-1 {s['top1']:.2f}% top-5 {s['top5']:.2f}% on {s['images']} images"
+                for k, s in scores.items()), flush=True)
+        if scores[which]["top1"] > self.state.best_top1:
+            self.state.best_top1, self.state.best_which = scores[which]["top1"], which
+            self.state.best_epoch = -(-step // per_epoch)
+            self._write_best(which, scores[which])
+        row["best_top1"] = self.state.best_top1
+        return True
+
+    def _evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        d = self.cfg.data
+        batches = eval_batches(self.val_source, self.cfg.model.img_size, self.cfg.augment.eval_crop_pct,
+                               self.info.rank, self.info.world_size, d.eval_batch_size, d.val_limit,
+                               min(d.num_workers, 4))
+        return evaluate(model, batches, self.augment, self.device, self.dtype)
+
+    def _write_best(self, which: str, scores: dict[str, float]) -> None:
+        """Export the best classifier (fp32, timm layout) to ``RUN/best`` atomically (collective)."""
+        from ..export import EncoderExport, write_export
+
+        state = self.ema.full_state() if which == "ema" else online_full_state(self.engine)
+        if not self.info.is_main:
+            return
+        model: ViTClassifier = self.export_model
+        model.load_state_dict(state, strict=False)  # frozen parameters never change
+        c = self.cfg
+        pre = self.pre.model_copy(update={
+            "model": self.pre.model.model_copy(update={"img_size": c.model.img_size}),
+            "data": self.pre.data.model_copy(update={"mean": c.data.mean, "std": c.data.std})})
+        provenance = {"source": "finetune", "run_dir": str(self.run_dir.resolve()), "step": self.state.step,
+                      "epoch": self.state.best_epoch, "top1": scores["top1"], "top5": scores["top5"],
+                      "val": c.data.val, "which": which, "num_classes": c.model.num_classes,
+                      "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init",
+                      "fingerprint": self.pre.fingerprint()}
+        out = self.run_dir / BEST
+        write_export(EncoderExport(model.encoder, pre, provenance, head=model.head), out, force=True)
+        (out / "metrics.json").write_text(json.dumps(provenance, indent=1) + "\n")
+
+    def _after_step(self, skipped_in_row: int, evaluated: bool) -> int | None:
+        step = self.state.step
+        if skipped_in_row > self.cfg.optim.max_skipped_in_row:
+            if self.info.is_main:
+                print(f"stopping: {skipped_in_row} optimizer steps in a row had non-finite gradients "
+                      f"(step {step}); the last checkpoint in {self.ckpt_dir} is intact.", flush=True)
+            self.metrics.close()
+            return EXIT_NONFINITE
+        if _any_rank(self.preemption.requested, self.device):
+            self._save()
+            if self.info.is_main:
+                print(f"preempted: checkpoint saved at step {step}; resume with --resume auto", flush=True)
+            self.metrics.close()
+            return EXIT_PREEMPTED
+        if (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
+            self._save()
+        return None
+
+    def _save(self) -> None:
+        if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
+            return
+        ckpt.save_checkpoint(self.engine, self.ema, self.ckpt_dir, self.state.step, asdict(self.state),
+                             self._fingerprint(), self.cfg.checkpoint.keep_last)
+
+
+def _seed_process_rngs(seed: int) -> None:
+    """Seed the generators the device-side augmentation and drop path draw from (saved with
+    every checkpoint, so a resume continues their streams exactly)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_loader(cfg: FinetuneConfig, info: DistInfo, state, transform):
+    from ..data import build_train_loader
+
+    return build_train_loader(cfg, rank=info.rank, world_size=info.world_size, state=state,  # type: ignore[arg-type]
+                              transform=transform)
+
+
+def finetune(cfg: FinetuneConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:
+    """Fine-tune with ``cfg`` into ``run_dir``; returns the process exit status."""
+    try:
+        status = FinetuneTrainer(cfg, run_dir, max_steps, resume).train()
+        dist.barrier()
+        return status
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
