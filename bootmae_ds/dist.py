@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -109,6 +110,29 @@ def resolve_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_name(rank: int) -> str:
+    """The POSIX shared-memory name DeepSpeed's CPU backend gives ``rank``'s all-reduce buffer."""
+    return (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's DeepSpeed shared-memory name once every rank has mapped it.
+
+    DeepSpeed's CPU backend maps a ~69 MB /dev/shm buffer per rank at start-up and never unlinks
+    it: every CPU run leaks RAM-backed files, and a later job on the same port can open a stale
+    buffer and hang. The peers open the buffers before ``init_distributed`` returns, so after a
+    barrier the names can go while the mappings stay valid until the processes exit.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    (SHM_DIR / shm_buffer_name(rank)).unlink(missing_ok=True)
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed with the accelerator's backend."""
     import deepspeed
@@ -121,5 +145,7 @@ def init_distributed() -> DistInfo:
     if name != "cpu":
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    if name == "cpu":
+        _unlink_shm_buffer(int(os.environ["RANK"]))
     device = torch.device(accel.device_name(local_rank) if name != "cpu" else "cpu")
     return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device, name)

@@ -121,12 +121,23 @@ def test_bad_finetune_config_names_the_field():
 
 
 # -- real runs ---------------------------------------------------------------------------------
+def _shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft") / "pre"
+    before = _shm_buffers()
     proc = run(deepspeed_cmd("launchers/pretrain.py", "--output-dir", str(out), *PRETRAIN))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (out / "shm_left.json").write_text(json.dumps(sorted(_shm_buffers() - before)))
     return out
+
+
+def test_cpu_ranks_leave_no_shared_memory_behind(pretrained):
+    # DeepSpeed's CPU backend would leave a ~69 MB /dev/shm buffer per rank after every run
+    assert json.loads((pretrained / "shm_left.json").read_text()) == []
 
 
 def _finetune(out: Path, pretrained: Path, *extra: str) -> list[dict]:
