@@ -1,6 +1,6 @@
 """Training-step throughput of our BootMAE against a reference-style step, side by side.
 
-    python bench/step.py --size base --batch 8 --dtype fp32 [--steps 3] [--device cpu|cuda]
+    python bench/step.py --size base --batch 8 --dtype fp32 [--steps 3] [--device cpu|cuda] [--compile]
 
 One process, no DeepSpeed (the step itself: forward, losses, backward, AdamW, EMA):
 - ours: fused qkv + scaled_dot_product_attention, encoder on visible tokens, momentum copy of
@@ -74,9 +74,11 @@ def timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def our_step(cfg, batch: int, device, dtype, fraction: float = 1.0):
+def our_step(cfg, batch: int, device, dtype, fraction: float = 1.0, compile: bool = False):
     """A closure running one BootMAE training step of our implementation."""
     model = build_model(cfg).to(device, dtype).train()
+    if compile:
+        model.compile()  # what run.compile=true does in the trainer
     teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval() if model.feature_decoder else None
     opt = torch.optim.AdamW(param_groups(model), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     masks = MaskGenerator.from_config(cfg).batch(batch, 0).to(device)
@@ -164,6 +166,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
     a = parser.parse_args()
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     torch.manual_seed(0)
@@ -187,6 +190,12 @@ def main() -> None:
     flops = training_flops_per_image(flops_per_image(model, base))
     t_ours = report("ours, BootMAE", timed(step, a.steps, device), flops)
     del step, model
+    if a.compile:
+        step, model = our_step(base, a.batch, device, dtype, compile=True)
+        step()  # compilation happens in the first call, outside the timing
+        t_compiled = report("ours, BootMAE, torch.compile", timed(step, a.steps, device), flops)
+        print(f"torch.compile vs eager: {t_ours / t_compiled:.2f}x")
+        del step, model
     t_ref = report("reference-style, BootMAE", timed(reference_step(base, a.batch, device, dtype), a.steps, device), flops)
     step, mae_model = our_step(mae, a.batch, device, dtype)
     t_mae = report("ours, MAE (8-block decoder)", timed(step, a.steps, device),
