@@ -551,17 +551,24 @@ def describe(root: type[BaseModel] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`bootmae-config [CONFIG] [--set k=v ...]`: print the resolved config or the field list."""
+    """`bootmae-config [CONFIG] [--set k=v ...] [--finetune]`: print the resolved config or the field list."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("config", nargs="?", default="vit_base_800ep")
+    parser.add_argument("config", nargs="?", default=None, help="preset name or YAML path")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--describe", action="store_true", help="list every field")
+    parser.add_argument("--finetune", action="store_true", help="a fine-tuning config (presets/finetune/)")
     args = parser.parse_args(argv)
+    from .finetune.config import FinetuneConfig, load_finetune_config
+
     if args.describe:
-        print(describe())
+        print(describe(FinetuneConfig if args.finetune else None))
         return 0
     try:
-        print(load_config(args.config, args.set).to_yaml(), end="")
+        if args.finetune:
+            cfg = load_finetune_config(args.config or "vit_base", args.set)
+        else:
+            cfg = load_config(args.config or "vit_base_800ep", args.set)
+        print(cfg.to_yaml(), end="")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

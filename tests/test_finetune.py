@@ -185,3 +185,12 @@ def test_finetune_resume_continues_exactly(full_run, pretrained, tmp_path):
     assert [r["step"] for r in rows] == list(range(7, 13))
     for key in ("loss", "lr", "grad_norm", "eval_top1", "eval_ema_top1"):
         assert [r.get(key) for r in rows] == [r.get(key) for r in full[6:]], key
+
+
+def test_config_cli_prints_and_checks_finetune_configs(capsys):
+    from bootmae_ds.config import main
+
+    assert main(["--finetune", "demo", "--set", "model.num_classes=3"]) == 0
+    assert "num_classes: 3" in capsys.readouterr().out
+    assert main(["--finetune", "demo", "--set", "optim.layer_decay=2"]) == 2
+    assert "optim.layer_decay=2" in capsys.readouterr().err
