@@ -13,9 +13,16 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))  # bench/reference_
 
 from bootmae_ds.config import BootMAEConfig, load_config  # noqa: E402
 
+# The official pixel branch at demo size (the demo preset itself uses MAE's pixel branch).
+OFFICIAL_PIXEL = [
+    "model.pixel_decoder.depth=2", "model.pixel_decoder.context=true", "model.pixel_decoder.context_block=0",
+    "model.pixel_decoder.pos_embed_visible=false", "mask.strategy=block", "loss.pixel_norm=per_channel",
+    "loss.weighted_mask=true", "loss.feature_weight=1.0",
+]
 # Overrides that turn the demo preset into each variant the system supports.
 VARIANTS: dict[str, list[str]] = {
-    "bootmae": [],
+    "demo": [],
+    "bootmae_official": OFFICIAL_PIXEL,
     "mae": [
         "model.pixel_decoder.depth=8", "model.pixel_decoder.context=false",
         "model.pixel_decoder.pos_embed_visible=true", "model.pixel_decoder.num_heads=2",
@@ -23,7 +30,7 @@ VARIANTS: dict[str, list[str]] = {
         "loss.pixel_norm=per_patch",
     ],
     "no_context": ["model.pixel_decoder.context=false", "model.feature_decoder.context=false"],
-    "middle_context": ["model.pixel_decoder.context_block=1", "model.feature_decoder.context_block=2"],
+    "middle_context": [*OFFICIAL_PIXEL, "model.pixel_decoder.context_block=1", "model.feature_decoder.context_block=2"],
     "wide_regressor": ["model.pixel_decoder.dim=128", "model.pixel_decoder.depth=1"],
     "uneven_heads": ["model.pixel_decoder.dim=60", "model.num_heads=4", "model.pixel_decoder.num_heads=7"],
     "deep_decoders": ["model.pixel_decoder.depth=4", "model.feature_decoder.depth=4"],

@@ -115,7 +115,7 @@ def _iter_as_worker(share: _EvalShare, worker: int, workers: int):
 
 def test_bad_finetune_config_names_the_field():
     with pytest.raises(ConfigError, match="data.micro_batch_size=7: must be even"):
-        load_finetune_config("demo", ["data.micro_batch_size=7", "data.global_batch_size=14"])
+        load_finetune_config("demo", ["augment.mixup=0.8", "data.micro_batch_size=7", "data.global_batch_size=14"])
     with pytest.raises(ConfigError, match="schedule.warmup_epochs"):
         load_finetune_config("demo", ["schedule.warmup_epochs=10"])
 

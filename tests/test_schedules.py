@@ -52,7 +52,7 @@ def test_teacher_policies() -> None:
     assert warm.momentum(15) == pytest.approx(warm.ema_momentum(3)) and warm.feature_weight(15) > 0
     frozen = Schedules(tiny_config("momentum.policy=frozen", "momentum.teacher_path=x.safetensors"), 5)
     assert frozen.momentum(0) == 1.0
-    none = Schedules(tiny_config("loss.feature_ramp_fraction=0"), 5)
+    none = Schedules(tiny_config("loss.feature_ramp_fraction=0", "loss.feature_weight=1.0"), 5)
     assert none.feature_weight(0) == 1.0
 
 
