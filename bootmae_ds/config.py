@@ -30,6 +30,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+class _Tree(_Section):
+    """A whole configuration tree: printed and saved as YAML with every run."""
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
 def _fail(field: str, value: Any, rule: str) -> None:
     raise ValueError(f"{field}={value!r}: {rule}")
 
@@ -383,7 +393,7 @@ class RunConfig(_Section):
     activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
 
 
-class BootMAEConfig(_Section):
+class BootMAEConfig(_Tree):
     """The whole run: every knob of model, method and infrastructure."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
@@ -417,12 +427,6 @@ class BootMAEConfig(_Section):
     def uses_teacher(self) -> bool:
         return self.model.feature_decoder.enabled
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
-
     def fingerprint(self) -> str:
         """Hash of the fields that define the model and method (not paths or logging)."""
         keep = {k: v for k, v in self.model_dump(mode="json").items()
@@ -433,8 +437,8 @@ class BootMAEConfig(_Section):
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+def available_presets(folder: Path = PRESET_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def _read_yaml(source: str | Path) -> dict[str, Any]:
@@ -444,7 +448,7 @@ def _read_yaml(source: str | Path) -> dict[str, Any]:
         if not path.exists():
             raise ConfigError(
                 f"config {str(source)!r}: no such preset or file; presets are "
-                f"{', '.join(available_presets())}, or pass a path to a .yaml file"
+                f"{', '.join(available_presets(path.parent))}, or pass a path to a .yaml file"
             )
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")

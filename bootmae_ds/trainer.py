@@ -86,6 +86,29 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def stop_status(trainer: Any, skipped_in_row: int) -> int | None:
+    """The exit status when a trainer must stop after this step, else None: EXIT_NONFINITE after
+    too many non-finite steps in a row, EXIT_PREEMPTED (after saving) when a rank got a signal.
+
+    ``trainer`` has ``cfg``, ``info``, ``state``, ``ckpt_dir``, ``metrics``, ``preemption``,
+    ``device`` and ``_save()``: both the pre-training and the fine-tuning trainer."""
+    step = trainer.state.step
+    if skipped_in_row > trainer.cfg.optim.max_skipped_in_row:
+        if trainer.info.is_main:
+            print(f"stopping: {skipped_in_row} optimizer steps in a row had non-finite gradients "
+                  f"(step {step}); the last checkpoint in {trainer.ckpt_dir} is intact. Lower the lr, "
+                  f"enable optim.clip_grad or check the data.", flush=True)
+        trainer.metrics.close()
+        return EXIT_NONFINITE
+    if _any_rank(trainer.preemption.requested, trainer.device):
+        trainer._save()
+        if trainer.info.is_main:
+            print(f"preempted: checkpoint saved at step {step}; resume with --resume auto", flush=True)
+        trainer.metrics.close()
+        return EXIT_PREEMPTED
+    return None
+
+
 def announce(name: str, info: DistInfo) -> None:
     """One start-up line per rank: where it runs and whom it rendezvoused with."""
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -272,23 +295,11 @@ class Trainer:
         return 0
 
     def _after_step(self, skipped_in_row: int) -> int | None:
-        step = self.state.step
-        if skipped_in_row > self.cfg.optim.max_skipped_in_row:
-            if self.info.is_main:
-                print(f"stopping: {skipped_in_row} optimizer steps in a row had non-finite gradients "
-                      f"(step {step}); the last checkpoint in {self.ckpt_dir} is intact. Lower the lr, "
-                      f"enable optim.clip_grad or check the data.", flush=True)
-            self.metrics.close()
-            return EXIT_NONFINITE
-        if _any_rank(self.preemption.requested, self.device):
+        status = stop_status(self, skipped_in_row)
+        if status is None and self.state.step % self.cfg.checkpoint.every_steps == 0 \
+                and self.state.step < self.total_steps:
             self._save()
-            if self.info.is_main:
-                print(f"preempted: checkpoint saved at step {step}; resume with --resume auto", flush=True)
-            self.metrics.close()
-            return EXIT_PREEMPTED
-        if step % self.cfg.checkpoint.every_steps == 0 and step < self.total_steps:
-            self._save()
-        return None
+        return status
 
     def _save(self) -> None:
         if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):

@@ -22,6 +22,7 @@ from ..config import (
     RunConfig,
     _fail,
     _Section,
+    _Tree,
     load_tree,
 )
 
@@ -152,7 +153,7 @@ class FinetuneEvalConfig(_Section):
     every_epochs: int = Field(1, ge=1, description="Evaluate (and checkpoint) every N epochs and at the end.")
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(_Tree):
     """A whole fine-tuning run."""
 
     init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
@@ -173,14 +174,6 @@ class FinetuneConfig(_Section):
             _fail("data.micro_batch_size", self.data.micro_batch_size,
                   "must be even when mixup/cutmix is on (timm mixes a batch with its flip)")
         return self
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
 
 
 def load_finetune_config(source: str | Path = "vit_base", overrides: list[str] | None = None) -> FinetuneConfig:

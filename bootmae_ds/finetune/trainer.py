@@ -27,7 +27,7 @@ from ..metrics import MetricsLogger, device_peak_tflops
 from ..momentum import ShardedMomentumEncoder, online_full_state
 from ..optim import layer_decay_groups, set_hyperparameters
 from ..schedules import Schedules
-from ..trainer import DTYPES, EXIT_NONFINITE, EXIT_PREEMPTED, Preemption, _any_rank, announce
+from ..trainer import DTYPES, Preemption, announce, stop_status
 from .config import FinetuneConfig
 from .data import DeviceAugment, LabelledTransform, eval_batches, soft_cross_entropy
 from .model import ViTClassifier, build_classifier
@@ -260,22 +260,11 @@ class FinetuneTrainer:
         (out / "metrics.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
     def _after_step(self, skipped_in_row: int, evaluated: bool) -> int | None:
+        status = stop_status(self, skipped_in_row)
         step = self.state.step
-        if skipped_in_row > self.cfg.optim.max_skipped_in_row:
-            if self.info.is_main:
-                print(f"stopping: {skipped_in_row} optimizer steps in a row had non-finite gradients "
-                      f"(step {step}); the last checkpoint in {self.ckpt_dir} is intact.", flush=True)
-            self.metrics.close()
-            return EXIT_NONFINITE
-        if _any_rank(self.preemption.requested, self.device):
+        if status is None and (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
             self._save()
-            if self.info.is_main:
-                print(f"preempted: checkpoint saved at step {step}; resume with --resume auto", flush=True)
-            self.metrics.close()
-            return EXIT_PREEMPTED
-        if (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
-            self._save()
-        return None
+        return status
 
     def _save(self) -> None:
         if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
