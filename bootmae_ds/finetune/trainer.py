@@ -245,7 +245,10 @@ class FinetuneTrainer:
         if not self.info.is_main:
             return
         model: ViTClassifier = self.export_model
-        model.load_state_dict(state, strict=False)  # frozen parameters never change
+        result = model.load_state_dict(state, strict=False)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if result.unexpected_keys or set(result.missing_keys) - frozen:  # only frozen ones may be absent
+            raise RuntimeError(f"best-model export: gathered state does not fit the classifier ({result})")
         c = self.cfg
         pre = self.pre.model_copy(update={
             "model": self.pre.model.model_copy(update={"img_size": c.model.img_size}),
