@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from bootmae_ds.config import load_config
 from bootmae_ds.data import build_train_loader
+from bootmae_ds.dist import init_distributed
 
 
 def main() -> None:
@@ -28,8 +28,8 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
     args = parser.parse_args()
     manifest, out = args.manifest, args.out
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    info = init_distributed()  # as the trainers do (gloo on CPU ranks)
+    rank, world = info.rank, info.world_size
     cfg = load_config("demo", [f"data.train={manifest}", "data.num_workers=2",
                                "data.micro_batch_size=4", "data.global_batch_size=8",
                                "data.shuffle_buffer=16"])
