@@ -147,6 +147,17 @@ def choose_resume(ckpt_dir: Path, resume: str, config: dict[str, Any], world_siz
     return tag_dir, validate_checkpoint(tag_dir, config, world_size, allow_resize=allow_resize)
 
 
+def prepare_universal(tag_dir: Path | None, manifest: dict[str, Any] | None, world_size: int,
+                      ds_config: dict[str, Any]) -> bool:
+    """When the checkpoint to resume was saved by another world size: convert it to DeepSpeed's
+    universal format and tell ``ds_config`` to load that; returns whether it did."""
+    if manifest is None or manifest["world_size"] == world_size:
+        return False
+    ensure_universal(tag_dir)
+    ds_config["checkpoint"] = {"load_universal": True}
+    return True
+
+
 def validate_checkpoint(tag_dir: Path, config: dict[str, Any], world_size: int,
                         allow_resize: bool = False) -> dict[str, Any]:
     """Check a checkpoint before loading: files whole, same model/method, same world size

@@ -326,7 +326,7 @@ class DataConfig(_Section):
             _fail("data.crop_scale", self.crop_scale, "needs 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             _fail("data.crop_ratio", self.crop_ratio, "needs 0 < low <= high")
-        if any(s <= 0 for s in self.std):
+        if self.std is not None and any(s <= 0 for s in self.std):  # None: fine-tuning inherits it
             _fail("data.std", self.std, "every std must be positive")
         if self.shard_url_template is not None and "{name}" not in self.shard_url_template:
             _fail("data.shard_url_template", self.shard_url_template, "must contain {name}")

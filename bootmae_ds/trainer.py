@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class RunState:
     skipped_total: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples": self.samples, "data": self.data, "skipped_total": self.skipped_total}
+        return asdict(self)
 
 
 @dataclass
@@ -156,10 +156,7 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg, self.device.type)
         resume_dir, manifest = ckpt.choose_resume(self.ckpt_dir, resume, self._fingerprint_config(),
                                                   self.info.world_size, cfg.checkpoint.allow_resize)
-        resized = manifest is not None and manifest["world_size"] != self.info.world_size
-        if resized:
-            ckpt.ensure_universal(resume_dir)
-            self.ds_config["checkpoint"] = {"load_universal": True}
+        resized = ckpt.prepare_universal(resume_dir, manifest, self.info.world_size, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
         self.momentum = self._build_teacher(teacher)
         self.state = RunState()
@@ -171,7 +168,7 @@ class Trainer:
         self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,
                                          state=None if resized else self.state.data)
         if resized and self.state.data:  # the sample layout changed: continue at an epoch boundary
-            self.loader.epoch = self.state.data["epoch"] + (1 if self.state.data["batches"] else 0)
+            self.loader.start_at_next_epoch(self.state.data)
         steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         self.schedules = Schedules(cfg, steps_per_epoch)
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)

@@ -232,6 +232,11 @@ class TrainLoader:
             )
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
 
+    def start_at_next_epoch(self, state: dict[str, Any]) -> None:
+        """Continue after ``state`` of a stream whose sample layout changed (another world size,
+        worker count or batch size), at the next epoch boundary."""
+        self.epoch, self.batches = int(state["epoch"]) + (1 if state["batches"] else 0), 0
+
     def __iter__(self) -> Iterator[Batch]:
         if self.batches >= len(self):
             self.epoch, self.batches = self.epoch + 1, 0

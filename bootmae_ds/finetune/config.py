@@ -129,15 +129,6 @@ class FinetuneDataConfig(DataConfig):
     std: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
         None, description="Normalisation std; null = the pre-training run's.")
 
-    @model_validator(mode="after")
-    def _check(self) -> "FinetuneDataConfig":
-        if self.std is not None and any(s <= 0 for s in self.std):
-            _fail("data.std", self.std, "every std must be positive")
-        if self.global_batch_size % self.micro_batch_size:
-            _fail("data.global_batch_size", self.global_batch_size,
-                  f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")
-        return self
-
 
 class FinetuneLoggingConfig(_Section):
     """Console, metrics.jsonl and TensorBoard."""

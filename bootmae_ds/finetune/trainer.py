@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..metrics import MetricsLogger, device_peak_tflops
 from ..momentum import ShardedMomentumEncoder, online_full_state
 from ..optim import layer_decay_groups, set_hyperparameters
 from ..schedules import Schedules
-from ..trainer import DTYPES, Preemption, announce, stop_status
+from ..trainer import DTYPES, Preemption, RunState, announce, stop_status
 from .config import FinetuneConfig
 from .data import DeviceAugment, LabelledTransform, eval_batches, soft_cross_entropy
 from .model import ViTClassifier, build_classifier
@@ -36,13 +36,9 @@ BEST = "best"
 
 
 @dataclass
-class FinetuneState:
-    """Everything besides weights that a resume needs (saved in every checkpoint)."""
+class FinetuneState(RunState):
+    """Pre-training's run state plus the best evaluation so far."""
 
-    step: int = 0
-    samples: int = 0
-    data: dict[str, Any] | None = None
-    skipped_total: int = 0
     best_top1: float = -1.0
     best_epoch: int = -1
     best_which: str = ""
@@ -99,10 +95,7 @@ class FinetuneTrainer:
         _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path, erasing, mixup: per rank
         resume_dir, manifest = ckpt.choose_resume(self.ckpt_dir, resume, self._fingerprint(),
                                                   self.info.world_size, cfg.checkpoint.allow_resize)
-        resized = manifest is not None and manifest["world_size"] != self.info.world_size
-        if resized:
-            ckpt.ensure_universal(resume_dir)
-            self.ds_config["checkpoint"] = {"load_universal": True}
+        resized = ckpt.prepare_universal(resume_dir, manifest, self.info.world_size, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.ema = ShardedMomentumEncoder(self.engine, ema_copy, self.dtype, prefix="") if ema_copy else None
         self.state = FinetuneState()
@@ -114,7 +107,7 @@ class FinetuneTrainer:
         transform = LabelledTransform(cfg.model.img_size, cfg.run.seed, cfg.augment, mean)
         self.loader = _build_loader(cfg, self.info, None if resized else self.state.data, transform)
         if resized and self.state.data:
-            self.loader.epoch = self.state.data["epoch"] + (1 if self.state.data["batches"] else 0)
+            self.loader.start_at_next_epoch(self.state.data)
         self.schedules = Schedules(cfg, cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1))
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
         self.augment = DeviceAugment(cfg, mean, std, self.device)
@@ -272,7 +265,7 @@ class FinetuneTrainer:
     def _save(self) -> None:
         if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
             return
-        ckpt.save_checkpoint(self.engine, self.ema, self.ckpt_dir, self.state.step, asdict(self.state),
+        ckpt.save_checkpoint(self.engine, self.ema, self.ckpt_dir, self.state.step, self.state.as_dict(),
                              self._fingerprint(), self.cfg.checkpoint.keep_last)
 
 
