@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bootmae_ds.masking import MaskGenerator
+from bootmae_ds.data.masking import MaskGenerator
 
 
 def reference_mask(grid: int, num_masked: int, budget: int, lo: int, hi: int, rng: random.Random) -> np.ndarray:

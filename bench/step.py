@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from masking import reference_mask  # noqa: E402
 from reference_bootmae import official_forward, official_target_features  # noqa: E402
 
-from bootmae_ds.compat.official import ours_to_official  # noqa: E402
 from bootmae_ds.config import load_config  # noqa: E402
-from bootmae_ds.losses import feature_loss, pixel_loss  # noqa: E402
-from bootmae_ds.masking import MaskGenerator  # noqa: E402
-from bootmae_ds.metrics import flops_per_image, training_flops_per_image  # noqa: E402
+from bootmae_ds.data.masking import MaskGenerator  # noqa: E402
+from bootmae_ds.interop.official import ours_to_official  # noqa: E402
 from bootmae_ds.models import build_model, mask_to_ids  # noqa: E402
-from bootmae_ds.optim import param_groups  # noqa: E402
+from bootmae_ds.pretrain.flops import flops_per_image, training_flops_per_image  # noqa: E402
+from bootmae_ds.pretrain.losses import feature_loss, pixel_loss  # noqa: E402
+from bootmae_ds.runtime.optim import param_groups  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation never needs a GPU
-    from bootmae_ds.export import ExportError, check_out_dir, from_official, from_run, write_export
+    from bootmae_ds.interop.encoders import ExportError, from_official, from_run
+    from bootmae_ds.interop.export import check_out_dir, write_export
 
     try:
         check_out_dir(args.out, args.force)  # before the slow part

@@ -14,8 +14,8 @@ layout). Exit status 75 means "preempted after saving a checkpoint": run the sam
 
 from __future__ import annotations
 
-from bootmae_ds.finetune.config import load_finetune_config
-from bootmae_ds.launch import parse_args, training_main
+from bootmae_ds.config import load_finetune_config
+from bootmae_ds.runtime.launch import parse_args, training_main
 
 
 def _trainer():

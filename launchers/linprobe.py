@@ -19,7 +19,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from bootmae_ds.eval_source import add_encoder_args, check_encoder_args
+    from bootmae_ds.evaluation.encoder_args import add_encoder_args, check_encoder_args
 
     p = argparse.ArgumentParser(description="linear probing of a BootMAE encoder")
     add_encoder_args(p)
@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     check_encoder_args(p, args)
 
     from bootmae_ds.config import ConfigError
+    from bootmae_ds.data.labelled import load_images, open_eval_source
     from bootmae_ds.data.shards import ShardError
-    from bootmae_ds.eval_source import load_eval_encoder
-    from bootmae_ds.export import ExportError
-    from bootmae_ds.knn import load_images, open_eval_source
-    from bootmae_ds.linprobe import ProbeSettings, linear_probe
+    from bootmae_ds.evaluation.encoder_args import load_eval_encoder
+    from bootmae_ds.evaluation.linprobe import ProbeSettings, linear_probe
+    from bootmae_ds.interop.encoders import ExportError
 
     try:
         cfg, encoder, source = load_eval_encoder(args)

@@ -10,11 +10,11 @@ Exit status 75 means "preempted after saving a checkpoint": run the same command
 from __future__ import annotations
 
 from bootmae_ds.config import load_config
-from bootmae_ds.launch import parse_args, training_main
+from bootmae_ds.runtime.launch import parse_args, training_main
 
 
 def _trainer():
-    from bootmae_ds.trainer import pretrain
+    from bootmae_ds.pretrain.trainer import pretrain
 
     return pretrain
 

@@ -9,13 +9,18 @@ import pytest
 import yaml
 
 from bootmae_ds.config import (
-    BootMAEConfig, ConfigError, available_presets, build_config, describe, load_config,
+    BootMAEConfig,
+    ConfigError,
+    build_config,
+    describe,
+    load_config,
+    pretrain_presets,
 )
 
 
 def test_presets_all_validate() -> None:
-    assert {"demo", "vit_base_800ep", "vit_large_800ep", "mae_base_800ep"} <= set(available_presets())
-    for name in available_presets():
+    assert {"demo", "vit_base_800ep", "vit_large_800ep", "mae_base_800ep"} <= set(pretrain_presets())
+    for name in pretrain_presets():
         assert isinstance(load_config(name), BootMAEConfig)
 
 
@@ -126,7 +131,7 @@ def test_batch_accumulation_is_checked_against_world_size() -> None:
 
 
 def test_every_field_has_a_description() -> None:
-    text = describe()
+    text = describe(BootMAEConfig)
     assert "# None" not in text and "optim.base_lr" in text
     def walk(model):
         for name, field in model.model_fields.items():

@@ -244,3 +244,33 @@ def test_url_list_pipe_folder_and_synthetic_sources(shards) -> None:
     )
     batches = _epoch(synthetic)
     assert len(batches) == 5 and batches[0]["images"].shape == (4, 3, 32, 32)
+
+
+def test_finished_loaders_leave_no_exiting_thread_behind() -> None:
+    """A DataLoader's queue feeder threads exit on their own after its iterator stops; a fork
+    during that exit deadlocks the child on CPython 3.11 (a fine-tuning rank hung so at its
+    second evaluation). ``iterate_and_join`` waits for them, so the next loader forks safely."""
+    import threading
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from bootmae_ds.data.loader import iterate_and_join
+
+    class Four(IterableDataset):
+        def __iter__(self):
+            yield from (torch.zeros(2) for _ in range(4))
+
+    def feeders() -> int:
+        return sum(t.name == "QueueFeederThread" and t.is_alive() for t in threading.enumerate())
+
+    plain = joined = 0
+    for _ in range(20):
+        for _ in DataLoader(Four(), batch_size=None, num_workers=1):
+            pass
+        plain += feeders()
+        for t in [t for t in threading.enumerate() if t.name == "QueueFeederThread"]:
+            t.join(timeout=30)  # leave the next round a clean start
+        assert len(list(iterate_and_join(DataLoader(Four(), batch_size=None, num_workers=1)))) == 4
+        joined += feeders()
+    assert joined == 0
+    assert plain > 0  # the window is real: without the join, threads are still exiting

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bootmae_ds.dist import DistributedSetupError, first_host, resolve_env, slurm_port
+from bootmae_ds.runtime.dist import DistributedSetupError, first_host, resolve_env, slurm_port
 
 DEEPSPEED = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "10.1.0.4", "MASTER_PORT": "29500",
              "CROSS_RANK": "0"}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bootmae_ds.config import ConfigError, load_config
-from bootmae_ds.ds_config import build_ds_config, resolve_precision
+from bootmae_ds.runtime.ds_config import build_ds_config, resolve_precision
 
 
 def test_batch_sizes_accumulation_and_precision() -> None:

@@ -17,9 +17,9 @@ from distributed import ROOT, cpu_env, deepspeed_cmd, run
 from safetensors.torch import load_file
 
 from bootmae_ds.config import load_config
-from bootmae_ds.export import ExportError, from_run
+from bootmae_ds.interop.encoders import ExportError, from_run
 from bootmae_ds.models import build_model
-from bootmae_ds.momentum import consolidate_shards
+from bootmae_ds.runtime.sharded_ema import consolidate_shards
 
 TAG = "step_00000002"
 TINY = ["--config", "demo", "--max-steps", "2", "--set", "model.depth=2", "model.feature_decoder.context_block=1",
@@ -76,7 +76,7 @@ def _our_encoder(run_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Modu
 
 
 def _reference_state(run_dir: Path, which: str, tag: str = TAG) -> dict[str, torch.Tensor]:
-    """The fp32 encoder straight from the checkpoint files, without bootmae_ds.export."""
+    """The fp32 encoder straight from the checkpoint files, without bootmae_ds.interop."""
     tag_dir = run_dir / "checkpoints" / tag
     if which == "momentum":
         world = json.loads((tag_dir / "manifest.json").read_text())["world_size"]
@@ -200,7 +200,7 @@ def _fake_official(path: Path) -> dict:
 
 
 def test_official_checkpoint_export(tmp_path) -> None:
-    from bootmae_ds.compat.official import load_official_state_dict
+    from bootmae_ds.interop.official import load_official_state_dict
 
     path = tmp_path / "BootMAE_Base_800_PT.pth"
     blob = _fake_official(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,13 @@ import torch
 from distributed import deepspeed_cmd, run
 from safetensors.torch import load_file
 
-from bootmae_ds.config import ConfigError, load_config
+from bootmae_ds.config import ConfigError, load_config, load_finetune_config
 from bootmae_ds.data.demo import ensure_demo_shards
+from bootmae_ds.data.labelled import LabelledTransform, _EvalShare, load_images
 from bootmae_ds.data.sources import TarSource
-from bootmae_ds.finetune.config import load_finetune_config
-from bootmae_ds.finetune.data import DeviceAugment, LabelledTransform, _EvalShare
-from bootmae_ds.finetune.model import ViTClassifier
-from bootmae_ds.knn import load_images
-from bootmae_ds.models import build_model
-from bootmae_ds.optim import layer_decay_groups
+from bootmae_ds.finetune.augment import DeviceAugment
+from bootmae_ds.models import ViTClassifier, build_model
+from bootmae_ds.runtime.optim import layer_decay_groups
 
 PRETRAIN = ["--config", "demo", "--max-steps", "3", "--set", "model.depth=2", "model.feature_decoder.context_block=1",
             "data.micro_batch_size=8", "data.global_batch_size=16", "data.num_workers=1"]
@@ -188,7 +185,7 @@ def test_finetune_resume_continues_exactly(full_run, pretrained, tmp_path):
 
 
 def test_config_cli_prints_and_checks_finetune_configs(capsys):
-    from bootmae_ds.config import main
+    from bootmae_ds.config.cli import main
 
     assert main(["--finetune", "demo", "--set", "model.num_classes=3"]) == 0
     assert "num_classes: 3" in capsys.readouterr().out

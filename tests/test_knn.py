@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-
-from bootmae_ds.knn import eval_transform, extract_features, knn_accuracy, knn_predict
-from bootmae_ds.models import build_model
 from conftest import tiny_config
+
+from bootmae_ds.data.labelled import eval_transform
+from bootmae_ds.evaluation.knn import extract_features, knn_accuracy, knn_predict
+from bootmae_ds.models import build_model
 
 
 def _brute_force(bank, bank_labels, queries, k, temperature, num_classes):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import torch
-
-from bootmae_ds.knn import LabelledImages
-from bootmae_ds.knn import extract_features
-from bootmae_ds.linprobe import ProbeSettings, probe_accuracy, train_probe
-from bootmae_ds.models import build_model
 from conftest import tiny_config
 from distributed import run
+
+from bootmae_ds.data.labelled import LabelledImages
+from bootmae_ds.evaluation.knn import extract_features
+from bootmae_ds.evaluation.linprobe import ProbeSettings, probe_accuracy, train_probe
+from bootmae_ds.models import build_model
 
 
 def _blobs(n: int, seed: int, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

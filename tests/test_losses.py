@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from bootmae_ds.losses import feature_loss, mask_weights, patchify, pixel_loss, pixel_targets, unpatchify
+from bootmae_ds.pretrain.losses import (
+    feature_loss,
+    mask_weights,
+    patchify,
+    pixel_loss,
+    pixel_targets,
+    unpatchify,
+)
 
 
 def _loop_patch(images, b, k, p, side):

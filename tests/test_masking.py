@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-
-from bootmae_ds.masking import MaskGenerator, bits_to_mask
 from conftest import tiny_config
+
+from bootmae_ds.data.masking import MaskGenerator, bits_to_mask
 
 
 def _adjacent_pairs(mask: torch.Tensor, side: int) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import VARIANTS, tiny_config
 
 from bootmae_ds.config import load_config
-from bootmae_ds.losses import feature_loss, pixel_loss
-from bootmae_ds.masking import MaskGenerator
+from bootmae_ds.data.masking import MaskGenerator
 from bootmae_ds.models import Attention, VisionTransformerEncoder, build_model, mask_to_ids
-from conftest import VARIANTS, tiny_config
+from bootmae_ds.pretrain.losses import feature_loss, pixel_loss
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bootmae_ds.compat.official import (
-    OfficialCheckpointError, load_official_state_dict, ours_to_official, read_official_checkpoint,
-)
-from bootmae_ds.config import load_config
-from bootmae_ds.losses import patchify
-from bootmae_ds.models import build_model
 from reference_bootmae import official_forward, official_target_features
+
+from bootmae_ds.config import load_config
+from bootmae_ds.interop.official import (
+    OfficialCheckpointError,
+    load_official_state_dict,
+    ours_to_official,
+    read_official_checkpoint,
+)
+from bootmae_ds.models import build_model
+from bootmae_ds.pretrain.losses import patchify
 
 # Key layouts of the released checkpoints (copied from shared/reference so CI needs nothing else).
 REFERENCE = Path(__file__).resolve().parent / "data"

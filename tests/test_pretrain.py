@@ -11,7 +11,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from distributed import ROOT, cpu_env, deepspeed_cmd, run
 
 TINY = ["model.depth=2", "model.feature_decoder.context_block=1", "data.micro_batch_size=8",
@@ -156,7 +155,7 @@ def test_world_size_change_is_refused_or_resized(tmp_path) -> None:
     assert resized.returncode == 0, resized.stdout[-3000:] + resized.stderr[-3000:]
     assert "(resized from 1 ranks)" in resized.stdout
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
-    from bootmae_ds.momentum import consolidate_shards
+    from bootmae_ds.runtime.sharded_ema import consolidate_shards
 
     def ema(tag: str, ranks: int) -> dict:
         files = [out / "checkpoints" / tag / f"momentum_rank{r}.pt" for r in range(ranks)]
@@ -169,9 +168,10 @@ def test_world_size_change_is_refused_or_resized(tmp_path) -> None:
 
 
 def test_frozen_teacher_and_momentum_input_fraction(tmp_path) -> None:
+    from safetensors.torch import save_file
+
     from bootmae_ds.config import load_config
     from bootmae_ds.models import build_model
-    from safetensors.torch import save_file
 
     cfg = load_config("demo", TINY)
     teacher = build_model(cfg).encoder.state_dict()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bootmae_ds.losses import pixel_targets
-from bootmae_ds.preview import reconstruction_grid
+from bootmae_ds.pretrain.losses import pixel_targets
+from bootmae_ds.pretrain.preview import reconstruction_grid
 
 
 def test_grid_rows_show_input_masked_input_and_pasted_prediction() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from bootmae_ds.models import build_model
-from bootmae_ds.optim import param_groups, set_hyperparameters
-from bootmae_ds.schedules import Schedules
 from conftest import tiny_config
+
 from bootmae_ds.config import load_config
+from bootmae_ds.models import build_model
+from bootmae_ds.pretrain.schedules import PretrainSchedules as Schedules
+from bootmae_ds.runtime.optim import param_groups, set_hyperparameters
 
 
 def test_official_vit_base_schedule_values() -> None:

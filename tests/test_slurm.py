@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from distributed import ROOT, cpu_env, deepspeed_cmd, free_port, run
 
 SLURM = ROOT / "tests" / "slurm"

@@ -183,6 +183,29 @@ class StreamingDataset(IterableDataset):
         }
 
 
+def iterate_and_join(loader: DataLoader) -> Iterator[Any]:
+    """Iterate ``loader``; when done (or abandoned), shut its workers down and wait until its
+    queue feeder threads have exited.
+
+    A DataLoader's iterator lets those threads exit on their own after it shuts down. CPython
+    3.11 deadlocks a child forked while another thread is being torn down (the child waits
+    forever on the interpreter's thread-list lock), and the next DataLoader forks its workers at
+    once: seen here as a fine-tuning rank hung at its second evaluation, whose worker never
+    started. Joining the threads first closes that window.
+    """
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # multiprocess iterators only
+        if shutdown is not None:
+            shutdown()
+            for queue in getattr(it, "_index_queues", []):
+                thread = getattr(queue, "_thread", None)
+                if thread is not None:
+                    thread.join(timeout=30)
+
+
 class TrainLoader:
     """Iterates one rank's micro-batches epoch after epoch and knows its exact position."""
 
@@ -253,7 +276,7 @@ class TrainLoader:
             persistent_workers=False,
             generator=torch.Generator().manual_seed(seed % 2**63),
         )
-        for batch in loader:
+        for batch in iterate_and_join(loader):
             if batch["index"] != self.batches:  # guards the round-robin assumption
                 raise RuntimeError(
                     f"loader out of order: got micro-batch {batch['index']}, "

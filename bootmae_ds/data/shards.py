@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from bootmae_ds.config.base import InputError
+
 MANIFEST_NAME = "manifest.json"
 CLASSES_NAME = "classes.json"
 FORMAT = "bootmae-ds-shards/1"
@@ -31,7 +33,7 @@ IMAGE_EXTS = ("jpg", "png", "webp")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-class ShardError(RuntimeError):
+class ShardError(InputError, RuntimeError):
     """A shard that is missing, or disagrees with its manifest."""
 
 

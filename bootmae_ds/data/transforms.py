@@ -20,8 +20,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from bootmae_ds.config import BootMAEConfig
+from bootmae_ds.data.masking import MaskGenerator
 from bootmae_ds.data.seeds import mix_seed
-from bootmae_ds.masking import MaskGenerator
 
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 

@@ -1,5 +1,3 @@
-"""Fine-tuning a pre-trained encoder as an image classifier (``launchers/finetune.py``)."""
-
-from .config import FinetuneConfig, load_finetune_config
-
-__all__ = ["FinetuneConfig", "load_finetune_config"]
+"""Fine-tuning a pre-trained encoder as an image classifier (``launchers/finetune.py``): the
+classifier of a config, device-side augmentation, and the trainer. The config tree is
+``bootmae_ds.config.finetune``."""

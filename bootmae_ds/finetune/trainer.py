@@ -1,6 +1,6 @@
 """The fine-tuning loop: build, resume, loop, evaluate, log, checkpoint, keep the best.
 
-Same engine, checkpoints, signals and logs as pre-training (``bootmae_ds.trainer``): ZeRO-2 with
+Same engine, checkpoints, signals and logs as pre-training (``bootmae_ds.runtime``): ZeRO-2 with
 a client AdamW whose groups carry layer-wise lr scales, an optional model EMA kept as sharded
 fp32 (the momentum encoder's machinery, over the whole classifier), top-1/top-5 on the held-out
 set every ``eval.every_epochs`` epochs and at the end, and ``RUN/best/`` holding the best
@@ -16,21 +16,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint as ckpt
-from ..dist import DistInfo, init_distributed
-from ..ds_config import build_ds_config, resolve_precision
-from ..metrics import MetricsLogger, device_peak_tflops
-from ..momentum import ShardedMomentumEncoder, online_full_state
-from ..optim import layer_decay_groups, set_hyperparameters
-from ..schedules import Schedules
-from ..trainer import DTYPES, Preemption, RunState, announce, stop_status
-from .config import FinetuneConfig
-from .data import DeviceAugment, LabelledTransform, eval_batches, soft_cross_entropy
-from .model import ViTClassifier, build_classifier
+from ..config import FinetuneConfig
+from ..data import build_train_loader
+from ..data.labelled import LabelledTransform, eval_batches, open_eval_source
+from ..interop.encoders import EncoderExport
+from ..interop.export import write_export
+from ..models.classifier import ViTClassifier
+from ..runtime import checkpoint as ckpt
+from ..runtime.dist import DistInfo, init_distributed
+from ..runtime.ds_config import build_ds_config, resolve_precision
+from ..runtime.metrics import MetricsLogger, device_peak_tflops
+from ..runtime.optim import adamw, layer_decay_groups, set_hyperparameters
+from ..runtime.run import (
+    DTYPES,
+    Preemption,
+    RunState,
+    announce,
+    checkpoint_dir,
+    run_and_close,
+    save_run_files,
+    start_engine,
+    stop_status,
+)
+from ..runtime.schedules import Schedules
+from ..runtime.sharded_ema import ShardedEMA, online_full_state
+from .augment import DeviceAugment, soft_cross_entropy
+from .model import build_classifier
 
 BEST = "best"
 
@@ -81,41 +95,36 @@ class FinetuneTrainer:
         self.dtype = DTYPES[self.precision]
         self.ds_config = build_ds_config(cfg, self.info.world_size, self.precision)
         self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-        self._save_run_files()
+        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
+        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
         model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
         if cfg.run.compile:
             model.compile()
         self.export_model = copy.deepcopy(model) if self.info.is_main else None  # fp32 CPU, for RUN/best
         ema_copy = copy.deepcopy(model) if cfg.ema.enabled else None
-        o = cfg.optim
-        kwargs = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.AdamW(layer_decay_groups(model, o.layer_decay), lr=o.base_lr, betas=o.betas,
-                                      eps=o.eps, **kwargs)
+        optimizer = adamw(layer_decay_groups(model, cfg.optim.layer_decay), cfg.optim, self.device.type)
         _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path, erasing, mixup: per rank
-        resume_dir, manifest = ckpt.choose_resume(self.ckpt_dir, resume, self._fingerprint(),
-                                                  self.info.world_size, cfg.checkpoint.allow_resize)
-        resized = ckpt.prepare_universal(resume_dir, manifest, self.info.world_size, self.ds_config)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.ema = ShardedMomentumEncoder(self.engine, ema_copy, self.dtype, prefix="") if ema_copy else None
+        self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
+                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        self.ema = ShardedEMA(self.engine, ema_copy, "", self.dtype) if ema_copy else None
         self.state = FinetuneState()
-        if resume_dir is not None:
-            self.state = FinetuneState(**ckpt.load_checkpoint(self.engine, self.ema, resume_dir, manifest))
+        if resumed is not None:
+            self.state = FinetuneState(**resumed.load(self.engine, self.ema))
             if self.info.is_main:
-                print(f"resumed from {resume_dir} at step {self.state.step}", flush=True)
+                print(f"resumed from {resumed.describe()}", flush=True)
+        resized = resumed is not None and resumed.resized
         mean, std = cfg.data.mean, cfg.data.std
         transform = LabelledTransform(cfg.model.img_size, cfg.run.seed, cfg.augment, mean)
-        self.loader = _build_loader(cfg, self.info, None if resized else self.state.data, transform)
+        self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,  # type: ignore[arg-type]
+                                         state=None if resized else self.state.data, transform=transform)
         if resized and self.state.data:
             self.loader.start_at_next_epoch(self.state.data)
         self.schedules = Schedules(cfg, cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1))
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
         self.augment = DeviceAugment(cfg, mean, std, self.device)
-        from ..knn import open_eval_source
-
         self.val_source = open_eval_source(cfg.data.val, cfg)  # type: ignore[arg-type]
-        self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)  # type: ignore[arg-type]
-        self.peak = device_peak_tflops(cfg, self.device)  # type: ignore[arg-type]
+        self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
+        self.peak = device_peak_tflops(cfg, self.device)
         self.preemption = Preemption()
 
     # -- build ------------------------------------------------------------------------------
@@ -127,13 +136,6 @@ class FinetuneTrainer:
             self.cfg.data.mean = pre.data.mean
         if self.cfg.data.std is None:
             self.cfg.data.std = pre.data.std
-
-    def _save_run_files(self) -> None:
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.run_dir / "config.yaml")
-            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            (self.run_dir / "init.json").write_text(json.dumps(self.provenance, indent=1, default=str) + "\n")
 
     def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
@@ -232,8 +234,6 @@ class FinetuneTrainer:
 
     def _write_best(self, which: str, scores: dict[str, float]) -> None:
         """Export the best classifier (fp32, timm layout) to ``RUN/best`` atomically (collective)."""
-        from ..export import EncoderExport, write_export
-
         state = self.ema.full_state() if which == "ema" else online_full_state(self.engine)
         if not self.info.is_main:
             return
@@ -281,19 +281,6 @@ def _seed_process_rngs(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_loader(cfg: FinetuneConfig, info: DistInfo, state, transform):
-    from ..data import build_train_loader
-
-    return build_train_loader(cfg, rank=info.rank, world_size=info.world_size, state=state,  # type: ignore[arg-type]
-                              transform=transform)
-
-
 def finetune(cfg: FinetuneConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:
     """Fine-tune with ``cfg`` into ``run_dir``; returns the process exit status."""
-    try:
-        status = FinetuneTrainer(cfg, run_dir, max_steps, resume).train()
-        dist.barrier()
-        return status
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_and_close(lambda: FinetuneTrainer(cfg, run_dir, max_steps, resume))

@@ -1,6 +1,8 @@
-"""BootMAE models: the ViT encoder, the decoders and the composed pre-training model."""
+"""Models: the ViT encoder, BootMAE's decoders and pre-training model, and the classifier that
+fine-tuning and probing put on the encoder."""
 
 from .bootmae import BootMAE, BootMAEOutput, build_model, mask_to_ids
+from .classifier import ViTClassifier, resized_encoder
 from .decoder import Decoder, PatchPixelHead
 from .layers import Attention, Block, CrossAttention, DecoderBlock
 from .pos_embed import sincos_2d
@@ -8,6 +10,6 @@ from .vit import EncoderOutput, VisionTransformerEncoder
 
 __all__ = [
     "Attention", "Block", "BootMAE", "BootMAEOutput", "CrossAttention", "Decoder", "DecoderBlock",
-    "EncoderOutput", "PatchPixelHead", "VisionTransformerEncoder", "build_model",
-    "mask_to_ids", "sincos_2d",
+    "EncoderOutput", "PatchPixelHead", "ViTClassifier", "VisionTransformerEncoder", "build_model",
+    "mask_to_ids", "resized_encoder", "sincos_2d",
 ]

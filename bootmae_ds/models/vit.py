@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import Block
 from .pos_embed import sincos_2d
 
+
 @dataclass
 class EncoderOutput:
     """What the decoders consume; every tensor holds the cls token then the visible patches."""

@@ -7,7 +7,7 @@ RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 mkdir -p "$RUN_DIR"
 
 # Rendezvous: the first node of the allocation, a port derived from the job id (two jobs sharing
-# a node get different ports). bootmae_ds.dist derives the same values if these are unset.
+# a node get different ports). bootmae_ds.runtime.dist derives the same values if these are unset.
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 # Communication knobs (uncomment what your fabric needs):

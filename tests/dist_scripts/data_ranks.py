@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from bootmae_ds.config import load_config
 from bootmae_ds.data import build_train_loader
-from bootmae_ds.dist import init_distributed
+from bootmae_ds.runtime.dist import init_distributed
 
 
 def main() -> None:

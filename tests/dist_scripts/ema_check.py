@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 from bootmae_ds.config import load_config
-from bootmae_ds.dist import init_distributed
-from bootmae_ds.ds_config import build_ds_config
-from bootmae_ds.masking import MaskGenerator
+from bootmae_ds.data.masking import MaskGenerator
 from bootmae_ds.models import build_model
-from bootmae_ds.momentum import ShardedMomentumEncoder, consolidate_shards
-from bootmae_ds.optim import build_optimizer, set_hyperparameters
+from bootmae_ds.runtime.dist import init_distributed
+from bootmae_ds.runtime.ds_config import build_ds_config
+from bootmae_ds.runtime.optim import build_optimizer, set_hyperparameters
+from bootmae_ds.runtime.sharded_ema import ShardedEMA, consolidate_shards
 
 precision, out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 info = init_distributed()
@@ -31,7 +31,7 @@ teacher = copy.deepcopy(model.encoder)
 ds_config = build_ds_config(cfg, info.world_size, precision)
 engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg, "cpu"), config=ds_config)
 dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-momentum = ShardedMomentumEncoder(engine, teacher, dtype)
+momentum = ShardedEMA(engine, teacher, "encoder.", dtype)
 zero = engine.optimizer
 
 

@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import BootMAEConfig, ConfigError
+from ..config import ConfigError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 Precision = Literal["bf16", "fp32"]
 
 
-def resolve_precision(cfg: BootMAEConfig, accelerator: str) -> Precision:
+def resolve_precision(cfg: Any, accelerator: str) -> Precision:
     """``run.precision`` with ``auto`` decided by the accelerator: bf16 on GPUs, fp32 on CPU."""
     if cfg.run.precision != "auto":
         return cfg.run.precision
@@ -37,7 +37,7 @@ def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> dict[str, Any
 
 
 def build_ds_config(
-    cfg: BootMAEConfig, world_size: int, precision: Precision, template_dir: Path = TEMPLATE_DIR
+    cfg: Any, world_size: int, precision: Precision, template_dir: Path = TEMPLATE_DIR
 ) -> dict[str, Any]:
     """The DeepSpeed config for ``world_size`` data-parallel ranks at ``precision``."""
     accum = cfg.data.grad_accum_steps(world_size)

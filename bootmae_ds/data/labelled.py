@@ -1,10 +1,11 @@
-"""Fine-tuning data: timm's training transform in the loader workers, erasing and mixing on the
-device, and a held-out loader that gives every evaluation image to exactly one rank.
+"""Labelled images for the classification jobs (fine-tuning, probing, k-NN): timm's training
+transform run per sample in the loader workers, and the held-out images, centre-cropped.
 
-The worker half is timm's ``create_transform(..., use_prefetcher=True)`` (RandomResizedCrop,
-flip, RandAugment; uint8 out), run under random generators seeded from (seed, epoch, sample key)
-so a resumed run re-draws exactly the augmentations of an uninterrupted one. The device half
-(normalisation, RandomErasing, Mixup/CutMix) draws from the process RNGs, which checkpoints save.
+The training transform is timm's ``create_transform(..., use_prefetcher=True)``
+(RandomResizedCrop, flip, RandAugment; uint8 out), run under random generators seeded from
+(seed, epoch, sample key), so a resumed run re-draws exactly the augmentations of an
+uninterrupted one. Held-out images are resized (shorter side to ``size / crop_pct``, bicubic)
+and centre-cropped; ``eval_batches`` gives every image to exactly one rank.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
-from ..data.seeds import mix_seed
-from ..data.sources import Source
-from ..data.transforms import decode_rgb
-from ..knn import eval_transform
-from .config import AugmentConfig, FinetuneConfig
+from bootmae_ds.config import BootMAEConfig
+from bootmae_ds.config.finetune import AugmentConfig
+from bootmae_ds.data.loader import iterate_and_join
+from bootmae_ds.data.seeds import mix_seed
+from bootmae_ds.data.sources import Source
+from bootmae_ds.data.transforms import decode_rgb
 
 
 @contextmanager
@@ -94,47 +98,50 @@ class LabelledTransform:
         return torch.as_tensor(np.asarray(out)).contiguous(), None
 
 
-class DeviceAugment:
-    """uint8 batch -> normalised, randomly erased, mixed batch and soft targets, on the device."""
+@dataclass
+class LabelledImages:
+    """uint8 images ``[N, 3, S, S]`` with int64 labels ``[N]``."""
 
-    def __init__(self, cfg: FinetuneConfig, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device) -> None:
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
-
-        a = cfg.augment
-        self.num_classes = cfg.model.num_classes
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.erase = RandomErasing(a.reprob, mode=a.remode, max_count=a.recount, device=device) if a.reprob else None
-        self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
-                           switch_prob=a.mixup_switch_prob, mode=a.mixup_mode,
-                           label_smoothing=a.label_smoothing, num_classes=self.num_classes) if a.mixes else None
-        self.smoothing = a.label_smoothing
-
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (images [B, 3, S, S] fp32, soft targets [B, K] fp32)."""
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"sample {keys[i]}: label {int(labels[i])} outside 0..{self.num_classes - 1}; "
-                             f"set model.num_classes to the number of classes of data.train")
-        x = self.normalise(images)
-        if self.erase is not None:
-            x = self.erase(x)
-        if self.mixup is not None:
-            return self.mixup(x, labels)
-        off = self.smoothing / self.num_classes
-        targets = torch.full((len(labels), self.num_classes), off, device=x.device)
-        return x, targets.scatter_(1, labels[:, None], 1.0 - self.smoothing + off)
+    images: torch.Tensor
+    labels: torch.Tensor
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``-sum(targets * log_softmax(logits))``, computed in fp32."""
-    return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+def open_eval_source(spec: str, cfg: BootMAEConfig) -> Source:
+    """``demo`` / ``demo-test`` (the digits' splits) or anything ``data.train`` accepts."""
+    from bootmae_ds.data.demo import ensure_demo_shards
+    from bootmae_ds.data.loader import open_source
+    from bootmae_ds.data.shards import MANIFEST_NAME
+    from bootmae_ds.data.sources import TarSource
+
+    if spec in ("demo", "demo-test"):
+        split = "train" if spec == "demo" else "test"
+        return TarSource.from_manifest(ensure_demo_shards(cfg.data.cache_dir) / split / MANIFEST_NAME)
+    return open_source(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": spec})}))
+
+
+def eval_transform(image: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
+    """Resize the shorter side to ``size / crop_pct`` (bicubic) unless it already is ``size``,
+    then centre-crop ``size x size``."""
+    short = min(image.shape[-2:])
+    if short != size:
+        image = TF.resize(image, [round(size / crop_pct)], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+def load_images(source: Source, size: int, limit: int | None = None) -> LabelledImages:
+    """The first ``limit`` readable samples of ``source`` in shard order (deterministic)."""
+    images, labels = [], []
+    for shard in range(len(source.shards)):
+        for _, sample in source.read(shard, 0, source.shards[shard].count, lambda _: True):
+            if sample.error is not None or sample.data is None:
+                continue
+            images.append(eval_transform(decode_rgb(sample.data), size))
+            labels.append(sample.label)
+            if limit is not None and len(images) >= limit:
+                return LabelledImages(torch.stack(images), torch.tensor(labels))
+    if not images:
+        raise ValueError(f"{source.description}: no readable labelled images")
+    return LabelledImages(torch.stack(images), torch.tensor(labels))
 
 
 class _EvalShare(IterableDataset):
@@ -175,9 +182,10 @@ class _EvalShare(IterableDataset):
 
 
 def eval_batches(source: Source, size: int, crop_pct: float, rank: int, world: int, batch_size: int,
-                 limit: int | None, num_workers: int) -> DataLoader:
+                 limit: int | None, num_workers: int) -> Iterator[dict[str, Any]]:
     """Centre-cropped uint8 batches of this rank's share of ``source`` (each image on one rank)."""
     share = _EvalShare(source, size, crop_pct, rank, world, batch_size, limit)
     # A private generator: worker seeds must not come from (and advance) the training RNG.
-    return DataLoader(share, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(rank))
+    loader = DataLoader(share, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(rank))
+    return iterate_and_join(loader)

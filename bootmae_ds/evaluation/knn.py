@@ -2,67 +2,17 @@
 quality (k=20, cosine similarity, votes weighted by exp(sim / 0.07), as DINO evaluates).
 
 Features are the mean of the encoder's normalised patch tokens (the pooling BootMAE fine-tunes
-with). Images are resized (shorter side to ``img_size / crop_pct``) and centre-cropped.
+with). Images are resized (shorter side to ``img_size / crop_pct``) and centre-cropped
+(``bootmae_ds.data.labelled``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
-from .config import BootMAEConfig
-from .data.sources import Source
-from .data.transforms import decode_rgb
-
-
-@dataclass
-class LabelledImages:
-    """uint8 images ``[N, 3, S, S]`` with int64 labels ``[N]``."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-def open_eval_source(spec: str, cfg: BootMAEConfig) -> Source:
-    """``demo`` / ``demo-test`` (the digits' splits) or anything ``data.train`` accepts."""
-    from .data.demo import ensure_demo_shards
-    from .data.loader import open_source
-    from .data.shards import MANIFEST_NAME
-    from .data.sources import TarSource
-
-    if spec in ("demo", "demo-test"):
-        split = "train" if spec == "demo" else "test"
-        return TarSource.from_manifest(ensure_demo_shards(cfg.data.cache_dir) / split / MANIFEST_NAME)
-    return open_source(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": spec})}))
-
-
-def eval_transform(image: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Resize the shorter side to ``size / crop_pct`` (bicubic) unless it already is ``size``,
-    then centre-crop ``size x size``."""
-    short = min(image.shape[-2:])
-    if short != size:
-        image = TF.resize(image, [round(size / crop_pct)], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(image, [size, size])
-
-
-def load_images(source: Source, size: int, limit: int | None = None) -> LabelledImages:
-    """The first ``limit`` readable samples of ``source`` in shard order (deterministic)."""
-    images, labels = [], []
-    for shard in range(len(source.shards)):
-        for _, sample in source.read(shard, 0, source.shards[shard].count, lambda _: True):
-            if sample.error is not None or sample.data is None:
-                continue
-            images.append(eval_transform(decode_rgb(sample.data), size))
-            labels.append(sample.label)
-            if limit is not None and len(images) >= limit:
-                return LabelledImages(torch.stack(images), torch.tensor(labels))
-    if not images:
-        raise ValueError(f"{source.description}: no readable labelled images")
-    return LabelledImages(torch.stack(images), torch.tensor(labels))
+from ..config import BootMAEConfig
+from ..data.labelled import load_images, open_eval_source
 
 
 @torch.no_grad()

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import InputError
+
 REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(InputError, RuntimeError):
     """The environment does not describe a usable process group."""
 
 

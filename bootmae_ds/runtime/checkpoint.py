@@ -1,11 +1,11 @@
-"""Atomic, exactly-resumable checkpoints: DeepSpeed ZeRO state + momentum shards + run state.
+"""Atomic, exactly-resumable checkpoints: DeepSpeed ZeRO state + sharded EMA + run state.
 
 Layout of ``RUN/checkpoints``::
 
     step_00001000/                       one checkpoint ("tag")
         mp_rank_00_model_states.pt       DeepSpeed: module, global step, client state
         *_zero_pp_rank_{r}_*optim_states.pt   DeepSpeed: fp32 master slices + Adam state
-        momentum_rank{r}.pt              fp32 EMA slices of the momentum encoder, per rank
+        momentum_rank{r}.pt              fp32 EMA slices (momentum encoder / model EMA), per rank
         rank_state_{r}.pt                RNG states, per rank
         manifest.json                    written last: step, config, world size, file sizes
     latest                               name of the newest complete tag
@@ -29,13 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import InputError
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TAG_PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be resumed; the message names the file and what is wrong."""
 
 
@@ -94,7 +96,7 @@ def complete_tags(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: p.name)
 
 
-def save_checkpoint(engine, momentum, ckpt_dir: Path, step: int, run_state: dict[str, Any],
+def save_checkpoint(engine, ema, ckpt_dir: Path, step: int, run_state: dict[str, Any],
                     config: dict[str, Any], keep_last: int) -> Path:
     """Save on every rank; rank 0 seals it with the manifest, moves ``latest``, prunes old ones."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -104,8 +106,8 @@ def save_checkpoint(engine, momentum, ckpt_dir: Path, step: int, run_state: dict
         shutil.rmtree(tag_dir)  # debris of an interrupted save of this very step
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"run_state": run_state}, save_latest=False)
-    if momentum is not None:
-        torch.save(momentum.state_dict(), tag_dir / f"momentum_rank{rank}.pt")
+    if ema is not None:  # the file name predates fine-tuning's model EMA; kept for old checkpoints
+        torch.save(ema.state_dict(), tag_dir / f"momentum_rank{rank}.pt")
     torch.save(rng_state(), tag_dir / f"rank_state_{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -210,11 +212,11 @@ def ensure_universal(tag_dir: Path) -> Path:
     return out
 
 
-def load_checkpoint(engine, momentum, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Restore engine, momentum shards and RNG; returns the saved run state.
+def load_checkpoint(engine, ema, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Restore engine, EMA shards and RNG; returns the saved run state.
 
     When the world size changed, the engine loads the universal conversion of ``tag_dir``, the
-    momentum encoder is consolidated from all old shards and re-sliced, and the RNG is left as
+    EMA is consolidated from all old shards and re-sliced, and the RNG is left as
     seeded (per-rank streams of another world size do not carry over).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -227,15 +229,15 @@ def load_checkpoint(engine, momentum, tag_dir: Path, manifest: dict[str, Any]) -
         raise CheckpointError(f"{source}: DeepSpeed could not load it ({type(err).__name__}: {err})") from err
     if client is None:
         raise CheckpointError(f"{source}: DeepSpeed found no checkpoint to load there")
-    if momentum is not None:
+    if ema is not None:
         if resized:
-            from .momentum import consolidate_shards
+            from .sharded_ema import consolidate_shards
 
             shards = [torch.load(tag_dir / f"momentum_rank{r}.pt", map_location="cpu")
                       for r in range(manifest["world_size"])]
-            momentum.load_full(consolidate_shards(shards))
+            ema.load_full(consolidate_shards(shards))
         else:
-            momentum.load_state_dict(torch.load(tag_dir / f"momentum_rank{rank}.pt", map_location="cpu"))
+            ema.load_state_dict(torch.load(tag_dir / f"momentum_rank{rank}.pt", map_location="cpu"))
     if not resized:
         set_rng_state(torch.load(tag_dir / f"rank_state_{rank}.pt", map_location="cpu", weights_only=False))
     return client["run_state"]

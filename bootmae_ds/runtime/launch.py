@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..config import ConfigError, InputError
 
 
 def parse_args(description: str, default_config: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,13 +39,8 @@ def training_main(args: argparse.Namespace, load: Callable[[str, list[str]], Any
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if os.environ.get("RANK", "0") == "0":
         print(cfg.to_yaml(), end="", flush=True)
-    from .checkpoint import CheckpointError
-    from .data.shards import ShardError
-    from .dist import DistributedSetupError
-    from .export import ExportError
-
     try:
         return train()(cfg, args.output_dir, args.max_steps, args.resume)
-    except (CheckpointError, ConfigError, DistributedSetupError, ExportError, ShardError, FileNotFoundError) as err:
+    except (InputError, FileNotFoundError) as err:  # bad config, checkpoint, shard, path, environment
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .config import BootMAEConfig
+from ..config import BootMAEConfig
 
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +28,9 @@ def check_encoder_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def load_eval_encoder(args: argparse.Namespace) -> tuple[BootMAEConfig, torch.nn.Module, str]:
     """(config, fp32 encoder on the GPU if there is one, description) for the parsed flags."""
-    from .config import load_config
-    from .export import from_official, from_run
-    from .models import build_model
+    from ..config import load_config
+    from ..interop.encoders import from_official, from_run
+    from ..models import build_model
 
     if args.random_init:
         cfg = load_config(args.config)

@@ -16,20 +16,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import (
-    CheckpointConfig,
-    DataConfig,
-    RunConfig,
-    _fail,
-    _Section,
-    _Tree,
-    load_tree,
-)
+from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
+from .common import CheckpointConfig, DataConfig, RunConfig
 
-FINETUNE_PRESETS = "finetune"  # sub-directory of bootmae_ds/presets
+PRESET_DIR = PRESETS_ROOT / "finetune"
 
 
-class InitConfig(_Section):
+class InitConfig(Section):
     """Which pre-trained encoder the classifier starts from."""
 
     source: str = Field(
@@ -43,7 +36,7 @@ class InitConfig(_Section):
                         "architecture of source=random.")
 
 
-class ClassifierConfig(_Section):
+class ClassifierConfig(Section):
     """The classifier on top of the encoder."""
 
     num_classes: int = Field(1000, ge=2, description="Output classes (labels must lie in 0..K-1).")
@@ -55,7 +48,7 @@ class ClassifierConfig(_Section):
     train_pos_embed: bool = Field(True, description="Fine-tune the position embedding (official: yes).")
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(Section):
     """Training augmentation (timm's transform factory, Mixup/CutMix and RandomErasing)."""
 
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment spec; null = off.")
@@ -80,7 +73,7 @@ class AugmentConfig(_Section):
         return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
 
-class FinetuneOptimConfig(_Section):
+class FinetuneOptimConfig(Section):
     """AdamW with layer-wise lr decay."""
 
     base_lr: float = Field(6.25e-4, gt=0, description="lr per 256 images (6.25e-4 x 2048/256 = 5e-3).")
@@ -94,7 +87,7 @@ class FinetuneOptimConfig(_Section):
     max_skipped_in_row: int = Field(20, ge=1, description="Stop after this many non-finite steps in a row.")
 
 
-class FinetuneScheduleConfig(_Section):
+class FinetuneScheduleConfig(Section):
     """Cosine lr with linear warm-up, in epochs of the training set."""
 
     epochs: int = Field(100, ge=1, description="Fine-tuning epochs.")
@@ -104,11 +97,11 @@ class FinetuneScheduleConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "FinetuneScheduleConfig":
         if self.warmup_epochs >= self.epochs:
-            _fail("schedule.warmup_epochs", self.warmup_epochs, f"must be below schedule.epochs={self.epochs}")
+            fail("schedule.warmup_epochs", self.warmup_epochs, f"must be below schedule.epochs={self.epochs}")
         return self
 
 
-class ModelEmaConfig(_Section):
+class ModelEmaConfig(Section):
     """An EMA of the whole classifier, kept as sharded fp32 like the momentum encoder."""
 
     enabled: bool = Field(True, description="Keep and evaluate a model EMA.")
@@ -130,7 +123,7 @@ class FinetuneDataConfig(DataConfig):
         None, description="Normalisation std; null = the pre-training run's.")
 
 
-class FinetuneLoggingConfig(_Section):
+class FinetuneLoggingConfig(Section):
     """Console, metrics.jsonl and TensorBoard."""
 
     every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
@@ -138,13 +131,13 @@ class FinetuneLoggingConfig(_Section):
     peak_tflops: float | None = Field(None, gt=0, description="Device matmul peak; null = table or none.")
 
 
-class FinetuneEvalConfig(_Section):
+class FinetuneEvalConfig(Section):
     """When the held-out set is evaluated."""
 
     every_epochs: int = Field(1, ge=1, description="Evaluate (and checkpoint) every N epochs and at the end.")
 
 
-class FinetuneConfig(_Tree):
+class FinetuneConfig(Tree):
     """A whole fine-tuning run."""
 
     init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
@@ -162,14 +155,11 @@ class FinetuneConfig(_Tree):
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
         if self.augment.mixes and self.data.micro_batch_size % 2:
-            _fail("data.micro_batch_size", self.data.micro_batch_size,
+            fail("data.micro_batch_size", self.data.micro_batch_size,
                   "must be even when mixup/cutmix is on (timm mixes a batch with its flip)")
         return self
 
 
 def load_finetune_config(source: str | Path = "vit_base", overrides: list[str] | None = None) -> FinetuneConfig:
     """A fine-tuning preset name (``bootmae_ds/presets/finetune/``) or YAML path, plus overrides."""
-    path = Path(source)
-    if not path.suffix and not path.exists():
-        source = f"{FINETUNE_PRESETS}/{source}"
-    return load_tree(source, overrides, FinetuneConfig)
+    return load_tree(source, overrides, FinetuneConfig, PRESET_DIR)

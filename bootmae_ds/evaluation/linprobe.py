@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .knn import LabelledImages, extract_features
+from ..data.labelled import LabelledImages
+from .knn import extract_features
 
 
 @dataclass(frozen=True)

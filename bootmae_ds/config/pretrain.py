@@ -1,53 +1,30 @@
-"""The run configuration: one validated pydantic tree, loaded from YAML with dotted overrides.
+"""The pre-training tree: model, masking, losses, teacher, optimizer, schedule, data, logging.
 
     cfg = load_config("vit_base_800ep", overrides=["optim.base_lr=1e-4", "model.depth=6"])
 
-A preset name (``bootmae_ds/presets/<name>.yaml``) or a YAML path may be given; overrides are
-``dotted.key=value`` with YAML-parsed values. Anything invalid raises ``ConfigError`` naming the
-field, the value and the rule before any work starts.
+Presets live in ``bootmae_ds/presets/pretrain/``; ``vit_base_800ep`` (= the defaults) is the
+official ViT-B/16 recipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-PRESET_DIR = Path(__file__).parent / "presets"
+from .base import PRESETS_ROOT, Section, Tree, available_presets, build_tree, fail, load_tree
+from .common import CheckpointConfig, DataConfig, RunConfig
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field, the value and the rule."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-class _Tree(_Section):
-    """A whole configuration tree: printed and saved as YAML with every run."""
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
-
-
-def _fail(field: str, value: Any, rule: str) -> None:
-    raise ValueError(f"{field}={value!r}: {rule}")
+PRESET_DIR = PRESETS_ROOT / "pretrain"
 
 
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
-class DecoderConfig(_Section):
+class DecoderConfig(Section):
     """One decoder: the pixel regressor or the feature predictor."""
 
     enabled: bool = Field(True, description="Build and train this decoder.")
@@ -85,7 +62,7 @@ ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Encoder size and the two decoders."""
 
     size: Literal["tiny", "small", "base", "large", "huge"] | None = Field(
@@ -137,34 +114,34 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
         if self.img_size % self.patch_size:
-            _fail("model.img_size", self.img_size,
+            fail("model.img_size", self.img_size,
                   f"must be divisible by model.patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
-            _fail("model.embed_dim", self.embed_dim,
+            fail("model.embed_dim", self.embed_dim,
                   f"must be divisible by model.num_heads={self.num_heads}")
         if self.embed_dim % 4:
-            _fail("model.embed_dim", self.embed_dim, "must be divisible by 4 (2-D sin-cos)")
+            fail("model.embed_dim", self.embed_dim, "must be divisible by 4 (2-D sin-cos)")
         if not self.pixel_decoder.enabled:
-            _fail("model.pixel_decoder.enabled", False, "the pixel branch is always trained")
+            fail("model.pixel_decoder.enabled", False, "the pixel branch is always trained")
         for name in ("pixel_decoder", "feature_decoder"):
             dec: DecoderConfig = getattr(self, name)
             idx = dec.context_block
             if not -self.depth <= idx < self.depth:
-                _fail(f"model.{name}.context_block", idx,
+                fail(f"model.{name}.context_block", idx,
                       f"must index an encoder block: in [{-self.depth}, {self.depth - 1}]")
             dim = dec.dim or self.embed_dim
             heads = dec.num_heads or self.num_heads
             if (dec.head_dim or dim // heads) < 1:
-                _fail(f"model.{name}.num_heads", heads, f"gives head_dim 0 at width {dim}")
+                fail(f"model.{name}.num_heads", heads, f"gives head_dim 0 at width {dim}")
             if dim % 4:
-                _fail(f"model.{name}.dim", dim, "must be divisible by 4 (2-D sin-cos)")
+                fail(f"model.{name}.dim", dim, "must be divisible by 4 (2-D sin-cos)")
         return self
 
 
 # --------------------------------------------------------------------------------------------
 # method
 # --------------------------------------------------------------------------------------------
-class MaskConfig(_Section):
+class MaskConfig(Section):
     """Which patches are hidden from the encoder."""
 
     strategy: Literal["block", "random"] = Field(
@@ -181,17 +158,17 @@ class MaskConfig(_Section):
     def _check(self) -> "MaskConfig":
         if self.strategy == "block":
             if self.block_budget > self.num_masked:
-                _fail("mask.block_budget", self.block_budget,
+                fail("mask.block_budget", self.block_budget,
                       f"must not exceed mask.num_masked={self.num_masked}")
             if self.min_block_patches > self.max_block_patches:
-                _fail("mask.min_block_patches", self.min_block_patches,
+                fail("mask.min_block_patches", self.min_block_patches,
                       f"must not exceed mask.max_block_patches={self.max_block_patches}")
         if self.max_aspect is not None and self.max_aspect < self.min_aspect:
-            _fail("mask.max_aspect", self.max_aspect, f"must be >= mask.min_aspect={self.min_aspect}")
+            fail("mask.max_aspect", self.max_aspect, f"must be >= mask.min_aspect={self.min_aspect}")
         return self
 
 
-class LossConfig(_Section):
+class LossConfig(Section):
     """Pixel and feature losses."""
 
     pixel_norm: Literal["per_channel", "per_patch", "none"] = Field(
@@ -210,7 +187,7 @@ class LossConfig(_Section):
     feature_norm_eps: float = Field(1e-6, gt=0, description="Eps of the affine-free LayerNorm.")
 
 
-class MomentumConfig(_Section):
+class MomentumConfig(Section):
     """The teacher that provides feature targets."""
 
     policy: Literal["ema", "frozen", "hard_copy", "ema_after_warmup"] = Field(
@@ -237,14 +214,14 @@ class MomentumConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "MomentumConfig":
         if self.mid_epoch > self.end_epoch and self.dynamic:
-            _fail("momentum.end_epoch", self.end_epoch,
+            fail("momentum.end_epoch", self.end_epoch,
                   f"must be >= momentum.mid_epoch={self.mid_epoch}")
         if self.policy == "frozen" and not self.teacher_path:
-            _fail("momentum.teacher_path", None, "is required when momentum.policy='frozen'")
+            fail("momentum.teacher_path", None, "is required when momentum.policy='frozen'")
         return self
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW and the learning-rate numbers."""
 
     base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; scaled by global/256.")
@@ -262,11 +239,11 @@ class OptimConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
         if not all(0 <= b < 1 for b in self.betas):
-            _fail("optim.betas", self.betas, "each beta must be in [0, 1)")
+            fail("optim.betas", self.betas, "each beta must be in [0, 1)")
         return self
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     """Length of the run in epochs; schedules are pure functions of the global step."""
 
     epochs: int = Field(800, ge=1, description="Total pre-training epochs.")
@@ -278,88 +255,15 @@ class ScheduleConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "ScheduleConfig":
         if self.warmup_epochs > self.epochs:
-            _fail("schedule.warmup_epochs", self.warmup_epochs,
+            fail("schedule.warmup_epochs", self.warmup_epochs,
                   f"must not exceed schedule.epochs={self.epochs}")
         return self
 
 
 # --------------------------------------------------------------------------------------------
-# infrastructure
+# logging and the tree
 # --------------------------------------------------------------------------------------------
-class DataConfig(_Section):
-    """Where images come from and how they are batched and augmented."""
-
-    train: str = Field(
-        "demo", description="'demo' (bundled digits shards), a manifest.json, a brace-expanded "
-        "shard URL list, an ImageFolder directory, or 'synthetic'."
-    )
-    num_samples: int | None = Field(
-        None, ge=1, description="Training images per epoch; null = from the manifest."
-    )
-    micro_batch_size: int = Field(256, ge=1, description="Images per device per forward.")
-    global_batch_size: int = Field(
-        4096, ge=1, description="Images per optimizer step over all devices; must equal "
-        "micro_batch_size x world_size x gradient accumulation."
-    )
-    num_workers: int = Field(10, ge=0, description="Loader worker processes per rank.")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop scale.")
-    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop ratio.")
-    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="Resize filter.")
-    hflip: bool = Field(True, description="Random horizontal flip.")
-    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation mean.")
-    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
-    cache_dir: str | None = Field(None, description="Where the demo shards are built; null = "
-                                  "~/.cache/bootmae_ds.")
-    shuffle_buffer: int = Field(
-        1000, ge=1, description="Raw (encoded) samples each loader worker holds to shuffle its "
-        "stream; the sample order within a worker's share is a buffered shuffle of this size."
-    )
-    shard_url_template: str | None = Field(
-        None, description="How to open the shards a manifest lists, with {name} the shard file "
-        "name, e.g. 'pipe:aws s3 cp s3://bucket/train/{name} -'; null = beside the manifest."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            _fail("data.crop_scale", self.crop_scale, "needs 0 < low <= high <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            _fail("data.crop_ratio", self.crop_ratio, "needs 0 < low <= high")
-        if self.std is not None and any(s <= 0 for s in self.std):  # None: fine-tuning inherits it
-            _fail("data.std", self.std, "every std must be positive")
-        if self.shard_url_template is not None and "{name}" not in self.shard_url_template:
-            _fail("data.shard_url_template", self.shard_url_template, "must contain {name}")
-        if self.global_batch_size % self.micro_batch_size:
-            _fail("data.global_batch_size", self.global_batch_size,
-                  f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")
-        return self
-
-    def grad_accum_steps(self, world_size: int) -> int:
-        """Accumulation steps for ``world_size`` ranks; raises if the batch does not divide."""
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"data.global_batch_size={self.global_batch_size}: must be a multiple of "
-                f"data.micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
-                f"set data.global_batch_size or data.micro_batch_size to fit {world_size} ranks"
-            )
-        return self.global_batch_size // per_step
-
-
-class CheckpointConfig(_Section):
-    """When and where checkpoints are written."""
-
-    every_steps: int = Field(1000, ge=1, description="Save every N optimizer steps (and at end).")
-    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older are removed.")
-    dir: str | None = Field(None, description="Checkpoint directory; null = RUN/checkpoints.")
-    allow_resize: bool = Field(
-        False, description="Resume a checkpoint saved by another world size through DeepSpeed's "
-        "universal format; the data stream restarts at the next epoch boundary."
-    )
-
-
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     """Console, metrics.jsonl and TensorBoard."""
 
     every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
@@ -378,22 +282,7 @@ class LoggingConfig(_Section):
     knn_query_limit: int | None = Field(5000, ge=1, description="First N query images; null = all.")
 
 
-class RunConfig(_Section):
-    """Identity, precision and reproducibility of the run."""
-
-    name: str = Field("bootmae", min_length=1, description="Run name, printed with each rank's start-up line.")
-    seed: int = Field(0, ge=0, description="Seed of everything random.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPU, fp32 on CPU."
-    )
-    compile: bool = Field(
-        False, description="torch.compile the model (in place; checkpoints are unchanged). The first "
-        "step then takes a minute or more to compile; off by default as it does not pay on CPU."
-    )
-    activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
-
-
-class BootMAEConfig(_Tree):
+class BootMAEConfig(Tree):
     """The whole run: every knob of model, method and infrastructure."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
@@ -411,15 +300,15 @@ class BootMAEConfig(_Tree):
     def _check(self) -> "BootMAEConfig":
         n = self.model.num_patches
         if self.mask.num_masked >= n:
-            _fail("mask.num_masked", self.mask.num_masked,
+            fail("mask.num_masked", self.mask.num_masked,
                   f"must be below the {n} patches of a {self.model.img_size}px image "
                   f"with {self.model.patch_size}px patches")
         fd = self.model.feature_decoder
         if self.loss.feature_weight > 0 and not fd.enabled:
-            _fail("loss.feature_weight", self.loss.feature_weight,
+            fail("loss.feature_weight", self.loss.feature_weight,
                   "must be 0 when model.feature_decoder.enabled is false")
         if fd.enabled and self.loss.feature_weight == 0:
-            _fail("model.feature_decoder.enabled", True,
+            fail("model.feature_decoder.enabled", True,
                   "has no loss when loss.feature_weight=0; disable it or give it a weight")
         return self
 
@@ -434,150 +323,15 @@ class BootMAEConfig(_Tree):
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------------------------
-# loading
-# --------------------------------------------------------------------------------------------
-def available_presets(folder: Path = PRESET_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+def pretrain_presets() -> list[str]:
+    return available_presets(PRESET_DIR)
 
 
-def _read_yaml(source: str | Path) -> dict[str, Any]:
-    path = Path(source)
-    if not path.suffix and not path.exists():
-        path = PRESET_DIR / f"{source}.yaml"
-        if not path.exists():
-            raise ConfigError(
-                f"config {str(source)!r}: no such preset or file; presets are "
-                f"{', '.join(available_presets(path.parent))}, or pass a path to a .yaml file"
-            )
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-    base = data.pop("base", None)  # a preset name, or a YAML path relative to this file
-    if base is None:
-        return data
-    sibling = path.parent / str(base)
-    merged = _read_yaml(sibling if sibling.is_file() else str(base))
-    _deep_update(merged, data)
-    return merged
-
-
-def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _deep_update(dst[key], value)
-        else:
-            dst[key] = value
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``dotted.key=value`` override in place (value parsed as YAML)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {override!r}: expected dotted.key=value, e.g. optim.base_lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from None
-    node = data
-    parts = key.strip().split(".")
-    if parts == ["model", "size"] and isinstance(data.get("model"), dict):
-        for dim in ("embed_dim", "depth", "num_heads"):  # a size given now replaces the file's dims
-            data["model"].pop(dim, None)
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "value_error" or not field:
-            lines.append(f"  - {msg}")
-        elif e["type"] == "extra_forbidden":
-            lines.append(f"  - {field}: unknown field (check the spelling; see `bootmae-config "
-                         f"--describe`)")
-        else:
-            lines.append(f"  - {field}={e.get('input')!r}: {msg}")
-    return "invalid configuration:\n" + "\n".join(lines)
-
-
-Tree = TypeVar("Tree", bound=BaseModel)
-
-
-def build_config(data: dict[str, Any], root: type[Tree] | None = None) -> Tree:
-    """Validate a plain dict into ``root`` (default ``BootMAEConfig``) or raise ``ConfigError``."""
-    try:
-        return (root or BootMAEConfig).model_validate(data)  # type: ignore[return-value]
-    except ValidationError as err:
-        raise ConfigError(_explain(err)) from None
-
-
-def load_tree(source: str | Path, overrides: list[str] | None, root: type[Tree]) -> Tree:
-    """Load a preset name or YAML path into the tree ``root``, apply dotted overrides, validate."""
-    data = _read_yaml(source)
-    for override in overrides or []:
-        apply_override(data, override)
-    return build_config(data, root)
+def build_config(data: dict[str, Any]) -> BootMAEConfig:
+    """Validate a plain dict into a ``BootMAEConfig`` or raise ``ConfigError``."""
+    return build_tree(data, BootMAEConfig)
 
 
 def load_config(source: str | Path = "vit_base_800ep", overrides: list[str] | None = None) -> BootMAEConfig:
     """Load a pre-training preset name or YAML path, apply dotted overrides, validate."""
-    return load_tree(source, overrides, BootMAEConfig)
-
-
-def describe(root: type[BaseModel] | None = None) -> str:
-    """Every field with its default and description, for `bootmae-config --describe`."""
-    out: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                out.append(f"{prefix}{name}: {field.description}")
-                walk(ann, f"{prefix}{name}.")
-            else:
-                default = field.get_default(call_default_factory=True)
-                out.append(f"  {prefix}{name} = {default!r}  # {field.description}")
-
-    walk(root or BootMAEConfig, "")
-    return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`bootmae-config [CONFIG] [--set k=v ...] [--finetune]`: print the resolved config or the field list."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("config", nargs="?", default=None, help="preset name or YAML path")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--describe", action="store_true", help="list every field")
-    parser.add_argument("--finetune", action="store_true", help="a fine-tuning config (presets/finetune/)")
-    args = parser.parse_args(argv)
-    from .finetune.config import FinetuneConfig, load_finetune_config
-
-    if args.describe:
-        print(describe(FinetuneConfig if args.finetune else None))
-        return 0
-    try:
-        if args.finetune:
-            cfg = load_finetune_config(args.config or "vit_base", args.set)
-        else:
-            cfg = load_config(args.config or "vit_base_800ep", args.set)
-        print(cfg.to_yaml(), end="")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return load_tree(source, overrides, BootMAEConfig, PRESET_DIR)

@@ -1,11 +1,14 @@
-"""The momentum encoder as a sharded, non-trainable replica of the online encoder.
+"""An EMA of (part of) a model kept as a sharded, non-trainable replica under ZeRO-2.
 
 ZeRO-2 gives each data-parallel rank the fp32 master slice of every optimizer param group. The
-momentum encoder mirrors that layout: each rank keeps the fp32 EMA of exactly the encoder
-slices its optimizer owns (1/world_size of the encoder), updates it in place after every
-applied optimizer step, and all-gathers the slices (in bf16 by default) into one flat buffer
-per group whose views are the weights of a full target encoder used for the no-grad target
-forward. The fp32 EMA is never materialised whole on any rank.
+EMA mirrors that layout: each rank keeps the fp32 EMA of exactly the slices its optimizer owns
+of the submodule named by a prefix (1/world_size of it), updates it in place after every applied
+optimizer step, and all-gathers the slices (in bf16 by default) into one flat buffer per group
+whose views are the weights of a full ``target`` module used for no-grad forwards. The fp32 EMA
+is never materialised whole on any rank.
+
+Pre-training's momentum encoder is the EMA of ``encoder.``; fine-tuning's model EMA that of the
+whole classifier (prefix ``""``).
 """
 
 from __future__ import annotations
@@ -17,26 +20,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ENCODER_PREFIX = "encoder."
 # torch >= 2.10 renamed the flat all-gather; keep working on older releases too.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)
 class ParamSlot:
-    """Where one encoder parameter lives in a group's flat (padded) buffer."""
+    """Where one parameter of the EMA'd submodule lives in a group's flat (padded) buffer."""
 
-    name: str  # name inside the encoder, e.g. "blocks.0.attn.qkv.weight"
-    group: int  # index among the momentum groups
+    name: str  # name inside the submodule, e.g. "blocks.0.attn.qkv.weight" under "encoder."
+    group: int  # index among the EMA's groups
     offset: int
     shape: tuple[int, ...]
 
 
-class ShardedMomentumEncoder:
-    """EMA of the encoder's ZeRO-2 fp32 partitions plus a gathered target encoder."""
+class ShardedEMA:
+    """EMA of a submodule's ZeRO-2 fp32 partitions plus a gathered full ``target`` copy of it."""
 
-    def __init__(self, engine: Any, target: nn.Module, dtype: torch.dtype = torch.bfloat16,
-                 prefix: str = ENCODER_PREFIX) -> None:
+    def __init__(self, engine: Any, target: nn.Module, prefix: str, dtype: torch.dtype = torch.bfloat16) -> None:
         """``target`` is a copy of the submodule named ``prefix`` (``""``: the whole model)."""
         zero = engine.optimizer
         self.zero = zero
@@ -47,7 +48,7 @@ class ShardedMomentumEncoder:
         groups = owned_groups(engine, prefix)
         if not groups:
             raise RuntimeError(f"no optimizer param group holds only {prefix!r} parameters: "
-                               f"build it with bootmae_ds.optim")
+                               f"build it with bootmae_ds.runtime.optim")
         self.group_ids = groups
         self.ema = [zero.single_partition_of_fp32_groups[g].detach().clone() for g in groups]
         self.partition_sizes = [e.numel() for e in self.ema]
@@ -88,7 +89,7 @@ class ShardedMomentumEncoder:
 
     @torch.no_grad()
     def gather(self) -> None:
-        """All-gather every rank's EMA slices into the target encoder's weights."""
+        """All-gather every rank's EMA slices into the target's weights."""
         for ema, buf in zip(self.ema, self.buffers):
             _all_gather_flat(buf, ema.to(self.dtype))
 
@@ -114,25 +115,25 @@ class ShardedMomentumEncoder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size or state["partition_sizes"] != self.partition_sizes:
             raise ValueError(
-                f"momentum shard from world size {state['world_size']} (partitions "
+                f"EMA shard from world size {state['world_size']} (partitions "
                 f"{state['partition_sizes']}) cannot load into world size {self.world_size} "
                 f"(partitions {self.partition_sizes}); consolidate it with "
-                f"bootmae_ds.momentum.consolidate_shards"
+                f"bootmae_ds.runtime.sharded_ema.consolidate_shards"
             )
         for ema, saved in zip(self.ema, state["ema"]):
             ema.copy_(saved.to(ema.device))
         self.gather()
 
     @torch.no_grad()
-    def load_full(self, encoder_state: dict[str, torch.Tensor]) -> None:
-        """Take this rank's slices of a full fp32 encoder EMA (resharding to a new world size)."""
-        missing = {s.name for s in self.slots} - set(encoder_state)
+    def load_full(self, full_state: dict[str, torch.Tensor]) -> None:
+        """Take this rank's slices of a full fp32 EMA (resharding to a new world size)."""
+        missing = {s.name for s in self.slots} - set(full_state)
         if missing:
-            raise ValueError(f"full momentum state lacks {sorted(missing)}")
+            raise ValueError(f"full EMA state lacks {sorted(missing)}")
         for k, (ema, size) in enumerate(zip(self.ema, self.partition_sizes)):
             flat = torch.zeros(self.world_size * size, dtype=torch.float32)
             for s in (s for s in self.slots if s.group == k):
-                value = encoder_state[s.name].float().reshape(-1)
+                value = full_state[s.name].float().reshape(-1)
                 flat[s.offset: s.offset + value.numel()] = value
             ema.copy_(flat[self.rank * size: (self.rank + 1) * size].to(ema.device))
         self.gather()
@@ -179,7 +180,7 @@ def online_full_state(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def consolidate_shards(shards: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Join per-rank momentum shards (any world size) into a full fp32 encoder state dict."""
+    """Join per-rank EMA shards (any world size) into a full fp32 state dict."""
     shards = sorted(shards, key=lambda s: s["rank"])
     world = shards[0]["world_size"]
     if [s["rank"] for s in shards] != list(range(world)):

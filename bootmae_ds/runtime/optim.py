@@ -1,12 +1,15 @@
-"""AdamW with weight-decay groups, split by encoder/decoder so the momentum encoder can shadow
-exactly the encoder's ZeRO partitions."""
+"""Optimizer parameter groups and the per-step hyperparameters every trainer writes into them.
+
+Pre-training splits {encoder, decoders} x {decay, no decay} so that an EMA of the encoder can
+shadow exactly the encoder's ZeRO partitions; fine-tuning uses timm's layer-wise lr decay groups.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-
-from .config import BootMAEConfig
 
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
 
@@ -37,11 +40,16 @@ def param_groups(model: nn.Module) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: BootMAEConfig, device_type: str) -> torch.optim.Optimizer:
-    """torch AdamW (fused kernels on CUDA, foreach elsewhere) handed to DeepSpeed as a client optimizer."""
-    o = cfg.optim
+def adamw(groups: list[dict], optim: Any, device_type: str) -> torch.optim.Optimizer:
+    """torch AdamW over ``groups`` with ``optim.{base_lr, betas, eps}`` (fused kernels on CUDA,
+    foreach elsewhere), handed to DeepSpeed as a client optimizer."""
     kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model), lr=o.base_lr, betas=o.betas, eps=o.eps, **kwargs)
+    return torch.optim.AdamW(groups, lr=optim.base_lr, betas=optim.betas, eps=optim.eps, **kwargs)
+
+
+def build_optimizer(model: nn.Module, cfg: Any, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` of ``model`` with ``cfg.optim``."""
+    return adamw(param_groups(model), cfg.optim, device_type)
 
 
 def layer_decay_groups(model: nn.Module, layer_decay: float) -> list[dict]:

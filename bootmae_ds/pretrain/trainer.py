@@ -1,56 +1,45 @@
 """The pre-training loop: build, resume, loop, log, checkpoint.
 
 One process per device; the same code runs on CPU ranks (gloo) and GPUs (NCCL), chosen by
-DeepSpeed's accelerator. Exit statuses: 0 finished, 75 preempted after a checkpoint
-(requeue me), 3 stopped on non-finite losses (last good checkpoint left intact).
+DeepSpeed's accelerator. Exit statuses (``bootmae_ds.runtime.run``): 0 finished, 75 preempted
+after a checkpoint (requeue me), 3 stopped on non-finite losses (last good checkpoint intact).
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import os
-import signal
-import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import psutil
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .config import BootMAEConfig
-from .data import build_train_loader
-from .dist import DistInfo, init_distributed
-from .ds_config import build_ds_config, resolve_precision
+from ..config import BootMAEConfig
+from ..data import build_train_loader
+from ..models import BootMAE, build_model, mask_to_ids
+from ..runtime import checkpoint as ckpt
+from ..runtime.dist import DistInfo, init_distributed
+from ..runtime.ds_config import build_ds_config, resolve_precision
+from ..runtime.metrics import MetricsLogger, device_peak_tflops
+from ..runtime.optim import build_optimizer, set_hyperparameters
+from ..runtime.run import (
+    DTYPES,
+    Preemption,
+    RunState,
+    announce,
+    checkpoint_dir,
+    run_and_close,
+    save_run_files,
+    start_engine,
+    stop_status,
+)
+from .flops import flops_per_image, training_flops_per_image
 from .losses import feature_loss, pixel_loss
-from .metrics import MetricsLogger, device_peak_tflops, flops_per_image, training_flops_per_image
-from .models import BootMAE, build_model, mask_to_ids
-from .momentum import ShardedMomentumEncoder
-from .optim import build_optimizer, set_hyperparameters
 from .preview import reconstruction_grid
-from .schedules import Schedules
-
-EXIT_PREEMPTED = 75
-EXIT_NONFINITE = 3
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-@dataclass
-class RunState:
-    """Everything besides weights that a resume needs (saved in every checkpoint)."""
-
-    step: int = 0
-    samples: int = 0
-    data: dict[str, Any] | None = None
-    skipped_total: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .schedules import PretrainSchedules
+from .teacher import build_teacher, teacher_copy
 
 
 @dataclass
@@ -67,74 +56,8 @@ class StepStats:
     last: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Preemption:
-    """Turns SIGTERM / SIGUSR1 into a flag the loop checks at the end of each step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        print(f"received signal {signum}: saving a checkpoint after this step", flush=True)
-        self.requested = True
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def stop_status(trainer: Any, skipped_in_row: int) -> int | None:
-    """The exit status when a trainer must stop after this step, else None: EXIT_NONFINITE after
-    too many non-finite steps in a row, EXIT_PREEMPTED (after saving) when a rank got a signal.
-
-    ``trainer`` has ``cfg``, ``info``, ``state``, ``ckpt_dir``, ``metrics``, ``preemption``,
-    ``device`` and ``_save()``: both the pre-training and the fine-tuning trainer."""
-    step = trainer.state.step
-    if skipped_in_row > trainer.cfg.optim.max_skipped_in_row:
-        if trainer.info.is_main:
-            print(f"stopping: {skipped_in_row} optimizer steps in a row had non-finite gradients "
-                  f"(step {step}); the last checkpoint in {trainer.ckpt_dir} is intact. Lower the lr, "
-                  f"enable optim.clip_grad or check the data.", flush=True)
-        trainer.metrics.close()
-        return EXIT_NONFINITE
-    if _any_rank(trainer.preemption.requested, trainer.device):
-        trainer._save()
-        if trainer.info.is_main:
-            print(f"preempted: checkpoint saved at step {step}; resume with --resume auto", flush=True)
-        trainer.metrics.close()
-        return EXIT_PREEMPTED
-    return None
-
-
-def announce(name: str, info: DistInfo) -> None:
-    """One start-up line per rank: where it runs and whom it rendezvoused with."""
-    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    print(f"[{name}] [rank {info.rank}/{info.world_size}] local rank {info.local_rank} on {node}, "
-          f"device {info.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
-
-
-def _load_frozen_teacher(encoder: torch.nn.Module, path: str) -> None:
-    """Load an encoder state dict (safetensors or torch) into the frozen teacher, strictly."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"momentum.teacher_path={path!r} does not exist")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"momentum.teacher_path={path!r} is not an encoder of this config: {err}") from None
-
-
 class Trainer:
-    """Holds the engine, the momentum encoder, the loader and the run state."""
+    """Holds the engine, the teacher, the loader and the run state."""
 
     def __init__(self, cfg: BootMAEConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -146,31 +69,30 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.ds_config = build_ds_config(cfg, self.info.world_size, self.precision)
         self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-        self._save_run_files()
+        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
+        save_run_files(self.info, run_dir, cfg, self.ds_config)
         self.model: BootMAE = build_model(cfg)
         self.model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
         if cfg.run.compile:
             self.model.compile()  # in place: parameter names, hence checkpoints, stay the same
-        teacher = copy.deepcopy(self.model.encoder) if cfg.uses_teacher else None
+        teacher = teacher_copy(cfg, self.model)
         optimizer = build_optimizer(self.model, cfg, self.device.type)
-        resume_dir, manifest = ckpt.choose_resume(self.ckpt_dir, resume, self._fingerprint_config(),
-                                                  self.info.world_size, cfg.checkpoint.allow_resize)
-        resized = ckpt.prepare_universal(resume_dir, manifest, self.info.world_size, self.ds_config)
-        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.ds_config)
-        self.momentum = self._build_teacher(teacher)
+        self.engine, resumed = start_engine(self.model, optimizer, self.ds_config, self.ckpt_dir, resume,
+                                            self._fingerprint_config(), self.info.world_size,
+                                            cfg.checkpoint.allow_resize)
+        self.momentum = build_teacher(cfg, self.engine, teacher, self.precision, self.device)
         self.state = RunState()
-        if resume_dir is not None:
-            self.state = RunState(**ckpt.load_checkpoint(self.engine, self.momentum, resume_dir, manifest))
+        if resumed is not None:
+            self.state = RunState(**resumed.load(self.engine, self.momentum))
             if self.info.is_main:
-                how = f" (resized from {manifest['world_size']} ranks)" if resized else ""
-                print(f"resumed from {resume_dir} at step {self.state.step}{how}", flush=True)
+                print(f"resumed from {resumed.describe()}", flush=True)
+        resized = resumed is not None and resumed.resized
         self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,
                                          state=None if resized else self.state.data)
         if resized and self.state.data:  # the sample layout changed: continue at an epoch boundary
             self.loader.start_at_next_epoch(self.state.data)
         steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
-        self.schedules = Schedules(cfg, steps_per_epoch)
+        self.schedules = PretrainSchedules(cfg, steps_per_epoch)
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.flops = training_flops_per_image(flops_per_image(self.model, cfg))
@@ -180,29 +102,13 @@ class Trainer:
         self.norm = (mean * 255, std * 255)
         self.knn = None
         if cfg.logging.knn_every_steps and self.info.is_main:
-            from .knn import KnnMonitor
+            from ..evaluation.knn import KnnMonitor
 
             lg = cfg.logging
             self.knn = KnnMonitor(cfg, lg.knn_bank, lg.knn_queries, lg.knn_bank_limit, lg.knn_query_limit)
         self.preemption = Preemption()
 
     # -- build ------------------------------------------------------------------------------
-    def _save_run_files(self) -> None:
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.run_dir / "config.yaml")
-            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-
-    def _build_teacher(self, teacher: torch.nn.Module | None):
-        if teacher is None:
-            return None
-        m = self.cfg.momentum
-        dtype = self.dtype if self.precision == "fp32" else DTYPES[m.target_dtype]
-        if m.policy == "frozen":
-            _load_frozen_teacher(teacher, m.teacher_path)
-            return _FrozenTeacher(teacher.to(self.device, dtype))
-        return ShardedMomentumEncoder(self.engine, teacher, dtype)
-
     def _fingerprint_config(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
         dump = self.cfg.model_dump(mode="json")
@@ -342,32 +248,7 @@ class Trainer:
             self.metrics.image("reconstruction", grid, self.state.step)
 
 
-class _FrozenTeacher:
-    """A fixed teacher loaded from a file (paper Appendix B): same interface, no updates."""
-
-    def __init__(self, encoder: torch.nn.Module) -> None:
-        self.target = encoder.requires_grad_(False).eval()
-        self.dtype = next(encoder.parameters()).dtype
-
-    def update(self, momentum: float) -> None:  # noqa: ARG002
-        return None
-
-    def gather(self) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: ARG002
-        return None
-
 
 def pretrain(cfg: BootMAEConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:
     """Pre-train with ``cfg`` into ``run_dir``; returns the process exit status."""
-    try:
-        status = Trainer(cfg, run_dir, max_steps, resume).train()
-        dist.barrier()
-        return status
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # without it rank 0 may abort at exit on gloo
+    return run_and_close(lambda: Trainer(cfg, run_dir, max_steps, resume))

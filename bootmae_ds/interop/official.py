@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..config import BootMAEConfig, load_config
+from ..config import BootMAEConfig, InputError, load_config
 from ..models import BootMAE, build_model
 
 ARCH_PRESETS = {"base": "vit_base_800ep", "large": "vit_large_800ep"}
@@ -44,7 +44,7 @@ _PREFIXES: list[tuple[str, str]] = [
 ]
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(InputError, ValueError):
     """An official checkpoint that does not match the requested architecture."""
 
 

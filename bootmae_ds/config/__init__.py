@@ -1,0 +1,18 @@
+"""Configuration: one validated pydantic tree per job, YAML presets with dotted overrides.
+
+    from bootmae_ds.config import load_config, load_finetune_config
+    cfg = load_config("vit_base_800ep", ["optim.base_lr=1e-4"])      # pre-training
+    ft = load_finetune_config("vit_base", ["init.source=runs/b800"])  # fine-tuning
+
+``base`` holds what the trees share (sections, YAML, overrides, errors), ``common`` the shared
+sections, and one module per job holds its tree and its presets' folder.
+"""
+
+from .base import ConfigError, InputError, describe
+from .finetune import FinetuneConfig, load_finetune_config
+from .pretrain import BootMAEConfig, build_config, load_config, pretrain_presets
+
+__all__ = [
+    "BootMAEConfig", "ConfigError", "FinetuneConfig", "InputError", "build_config", "describe",
+    "load_config", "load_finetune_config", "pretrain_presets",
+]

@@ -1,0 +1,37 @@
+"""``bootmae-config``: print a resolved config, or every field of a tree with its meaning."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .base import ConfigError, describe
+from .finetune import FinetuneConfig, load_finetune_config
+from .pretrain import BootMAEConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`bootmae-config [CONFIG] [--set k=v ...] [--finetune]`: print the resolved config or the field list."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("config", nargs="?", default=None, help="preset name or YAML path")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--describe", action="store_true", help="list every field")
+    parser.add_argument("--finetune", action="store_true", help="a fine-tuning config (presets/finetune/)")
+    args = parser.parse_args(argv)
+    if args.describe:
+        print(describe(FinetuneConfig if args.finetune else BootMAEConfig))
+        return 0
+    try:
+        if args.finetune:
+            cfg = load_finetune_config(args.config or "vit_base", args.set)
+        else:
+            cfg = load_config(args.config or "vit_base_800ep", args.set)
+        print(cfg.to_yaml(), end="")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

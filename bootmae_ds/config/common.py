@@ -1,0 +1,97 @@
+"""Sections shared by every job's tree: data, checkpoints, run identity."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import ConfigError, Section, fail
+
+
+class DataConfig(Section):
+    """Where images come from and how they are batched and augmented."""
+
+    train: str = Field(
+        "demo", description="'demo' (bundled digits shards), a manifest.json, a brace-expanded "
+        "shard URL list, an ImageFolder directory, or 'synthetic'."
+    )
+    num_samples: int | None = Field(
+        None, ge=1, description="Training images per epoch; null = from the manifest."
+    )
+    micro_batch_size: int = Field(256, ge=1, description="Images per device per forward.")
+    global_batch_size: int = Field(
+        4096, ge=1, description="Images per optimizer step over all devices; must equal "
+        "micro_batch_size x world_size x gradient accumulation."
+    )
+    num_workers: int = Field(10, ge=0, description="Loader worker processes per rank.")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop scale.")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop ratio.")
+    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="Resize filter.")
+    hflip: bool = Field(True, description="Random horizontal flip.")
+    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation mean.")
+    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
+    cache_dir: str | None = Field(None, description="Where the demo shards are built; null = "
+                                  "~/.cache/bootmae_ds.")
+    shuffle_buffer: int = Field(
+        1000, ge=1, description="Raw (encoded) samples each loader worker holds to shuffle its "
+        "stream; the sample order within a worker's share is a buffered shuffle of this size."
+    )
+    shard_url_template: str | None = Field(
+        None, description="How to open the shards a manifest lists, with {name} the shard file "
+        "name, e.g. 'pipe:aws s3 cp s3://bucket/train/{name} -'; null = beside the manifest."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            fail("data.crop_scale", self.crop_scale, "needs 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            fail("data.crop_ratio", self.crop_ratio, "needs 0 < low <= high")
+        if self.std is not None and any(s <= 0 for s in self.std):  # None: fine-tuning inherits it
+            fail("data.std", self.std, "every std must be positive")
+        if self.shard_url_template is not None and "{name}" not in self.shard_url_template:
+            fail("data.shard_url_template", self.shard_url_template, "must contain {name}")
+        if self.global_batch_size % self.micro_batch_size:
+            fail("data.global_batch_size", self.global_batch_size,
+                  f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Accumulation steps for ``world_size`` ranks; raises if the batch does not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size}: must be a multiple of "
+                f"data.micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
+                f"set data.global_batch_size or data.micro_batch_size to fit {world_size} ranks"
+            )
+        return self.global_batch_size // per_step
+
+
+class CheckpointConfig(Section):
+    """When and where checkpoints are written."""
+
+    every_steps: int = Field(1000, ge=1, description="Save every N optimizer steps (and at end).")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older are removed.")
+    dir: str | None = Field(None, description="Checkpoint directory; null = RUN/checkpoints.")
+    allow_resize: bool = Field(
+        False, description="Resume a checkpoint saved by another world size through DeepSpeed's "
+        "universal format; the data stream restarts at the next epoch boundary."
+    )
+
+
+class RunConfig(Section):
+    """Identity, precision and reproducibility of the run."""
+
+    name: str = Field("bootmae", min_length=1, description="Run name, printed with each rank's start-up line.")
+    seed: int = Field(0, ge=0, description="Seed of everything random.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model (in place; checkpoints are unchanged). The first "
+        "step then takes a minute or more to compile; off by default as it does not pay on CPU."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
