@@ -95,3 +95,27 @@ class RunConfig(Section):
         "step then takes a minute or more to compile; off by default as it does not pay on CPU."
     )
     activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
+
+
+class LoggingConfig(Section):
+    """Console, metrics.jsonl and TensorBoard (every job; pre-training adds its monitors)."""
+
+    every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events on rank 0.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Device matmul peak for MFU; null = known GPU table or none."
+    )
+
+
+class InitConfig(Section):
+    """Which pre-trained encoder a job starts from."""
+
+    source: str = Field(
+        "random", description="A pre-training run directory (its latest or --tag checkpoint), a "
+        "released BootMAE_*_PT.pth, or 'random' (a fresh encoder of init.config).")
+    tag: str | None = Field(None, description="Checkpoint tag of a run source; null = latest.")
+    which: Literal["online", "momentum"] = Field(
+        "online", description="Online encoder, or the momentum encoder (fp32 EMA shards / model_ema).")
+    arch: Literal["base", "large"] = Field("base", description="Architecture of an official .pth source.")
+    config: str = Field("vit_base_800ep", description="Pre-training preset or YAML giving the "
+                        "architecture of source=random.")

@@ -17,23 +17,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
-from .common import CheckpointConfig, DataConfig, RunConfig
+from .common import CheckpointConfig, DataConfig, InitConfig, LoggingConfig, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "finetune"
-
-
-class InitConfig(Section):
-    """Which pre-trained encoder the classifier starts from."""
-
-    source: str = Field(
-        "random", description="A pre-training run directory (its latest or --tag checkpoint), a "
-        "released BootMAE_*_PT.pth, or 'random' (a fresh encoder of init.config).")
-    tag: str | None = Field(None, description="Checkpoint tag of a run source; null = latest.")
-    which: Literal["online", "momentum"] = Field(
-        "online", description="Online encoder, or the momentum encoder (fp32 EMA shards / model_ema).")
-    arch: Literal["base", "large"] = Field("base", description="Architecture of an official .pth source.")
-    config: str = Field("vit_base_800ep", description="Pre-training preset or YAML giving the "
-                        "architecture of source=random.")
 
 
 class ClassifierConfig(Section):
@@ -123,14 +109,6 @@ class FinetuneDataConfig(DataConfig):
         None, description="Normalisation std; null = the pre-training run's.")
 
 
-class FinetuneLoggingConfig(Section):
-    """Console, metrics.jsonl and TensorBoard."""
-
-    every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
-    tensorboard: bool = Field(True, description="Write TensorBoard events on rank 0.")
-    peak_tflops: float | None = Field(None, gt=0, description="Device matmul peak; null = table or none.")
-
-
 class FinetuneEvalConfig(Section):
     """When the held-out set is evaluated."""
 
@@ -149,7 +127,7 @@ class FinetuneConfig(Tree):
     data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Data.")
     eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="Evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
-    logging: FinetuneLoggingConfig = Field(default_factory=FinetuneLoggingConfig, description="Logging.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="finetune"), description="Run identity.")
 
     @model_validator(mode="after")

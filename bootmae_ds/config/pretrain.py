@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, Tree, available_presets, build_tree, fail, load_tree
-from .common import CheckpointConfig, DataConfig, RunConfig
+from .common import CheckpointConfig, DataConfig, LoggingConfig, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "pretrain"
 
@@ -263,15 +263,10 @@ class ScheduleConfig(Section):
 # --------------------------------------------------------------------------------------------
 # logging and the tree
 # --------------------------------------------------------------------------------------------
-class LoggingConfig(Section):
-    """Console, metrics.jsonl and TensorBoard."""
+class PretrainLoggingConfig(LoggingConfig):
+    """Console, metrics.jsonl, TensorBoard, reconstruction previews and the k-NN monitor."""
 
-    every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
-    tensorboard: bool = Field(True, description="Write TensorBoard events on rank 0.")
     preview_every_steps: int = Field(1000, ge=1, description="Reconstruction grid every N steps.")
-    peak_tflops: float | None = Field(
-        None, gt=0, description="Device matmul peak for MFU; null = known GPU table or none."
-    )
     knn_every_steps: int | None = Field(
         None, ge=1, description="k-NN accuracy of the online encoder every N steps (rank 0); null = off."
     )
@@ -293,7 +288,7 @@ class BootMAEConfig(Tree):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Schedules.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    logging: PretrainLoggingConfig = Field(default_factory=PretrainLoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
 
     @model_validator(mode="after")

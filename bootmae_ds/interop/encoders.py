@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..config import BootMAEConfig, ConfigError, InputError, load_config
-from ..config.finetune import InitConfig
+from ..config.common import InitConfig
 from ..models import VisionTransformerEncoder, build_model
 from ..runtime.checkpoint import (
     LATEST,
