@@ -274,3 +274,28 @@ def test_finished_loaders_leave_no_exiting_thread_behind() -> None:
         joined += feeders()
     assert joined == 0
     assert plain > 0  # the window is real: without the join, threads are still exiting
+
+
+def test_imagefolder_batches_mix_classes_and_resume_exactly(tmp_path: Path) -> None:
+    """An ImageFolder lists its files in class order; the loader must still give every micro-batch
+    about as many classes as i.i.d. draws would (it read a few classes per batch before the
+    seeded file shuffle), resume exactly, and name a damaged file once."""
+    from bootmae_ds.data.sources import write_synthetic_folder
+
+    write_synthetic_folder(tmp_path, 8, 24, size=(16, 16))
+    broken = tmp_path / "class_3" / "img_00005.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg any more")
+    cfg = loader_config(tmp_path, workers=1, batch=8)
+    epochs = [_epoch(build_train_loader(cfg, rank=r, world_size=2)) for r in range(2)]
+    assert [len(e) for e in epochs] == [12, 12]  # 192 files / (2 ranks x 8): none dropped
+    distinct = [len(set(b["labels"].tolist())) for e in epochs for b in e]
+    expected = 8 * (1 - (7 / 8) ** 8)  # distinct classes among 8 draws from 8 equal classes: 5.25
+    assert abs(sum(distinct) / len(distinct) - expected) < 0.8, distinct
+    keys = [{k for b in e for k in b["keys"]} for e in epochs]
+    assert not keys[0] & keys[1]  # still disjoint ranks
+    reports = [name for e in epochs for b in e for name in b["damaged_shards"]]
+    assert reports == [str(broken)] and sum(b["corrupt"] for e in epochs for b in e) == 1
+    state = {"epoch": 0, "batches": 5, "world_size": 2, "num_workers": 1, "micro_batch_size": 8,
+             "num_samples": 192, "seed": 0}
+    rest = _epoch(build_train_loader(cfg, rank=1, world_size=2, state=state))
+    assert len(rest) == 7 and all(_same(x, y) for x, y in zip(rest, epochs[1][5:], strict=True))

@@ -20,6 +20,7 @@ def test_sharded_ema_equals_unsharded_reference(tmp_path, precision) -> None:
         assert r["applied"] == [True, True, True, False, True, True]  # the NaN step was skipped
         assert r["exact"] and r["max_err"] == 0.0, r
         assert r["keys"] and r["target_match"] and r["frozen_match"]
+        assert r["layout_match"]  # sharded_ema.zero2_layout computes DeepSpeed's layout exactly
         assert r["ema_differs_from_online"]
         # each rank holds half of the encoder's fp32 EMA (plus at most a little padding)
         assert r["encoder_fp32_bytes"] / 2 <= r["local_bytes"] <= r["encoder_fp32_bytes"] / 2 + 64

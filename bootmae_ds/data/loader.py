@@ -10,8 +10,10 @@ Public entry point::
 Each micro-batch is a dict:
   ``images`` uint8 [B, 3, S, S] (not normalised), ``masks`` bool [B, N] (True = masked),
   ``labels`` int64 [B], ``keys`` list[str] (B sample keys), ``corrupt`` int (samples of this
-  batch that were unreadable and replaced by another sample of the same batch, re-augmented),
-  ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank).
+  batch that were unreadable and replaced, re-augmented), ``filled`` int (how many of those came
+  from outside the batch because none of its samples was readable), ``damaged_shards``
+  list[str] (shards, or ImageFolder files, first found damaged by this batch's worker this
+  epoch), ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank).
 
 State (``state_dict()``): ``{"epoch", "batches", "world_size", "num_workers", "micro_batch_size",
 "num_samples", "seed"}``; ``batches`` counts micro-batches already handed out in ``epoch``. A loader
@@ -24,9 +26,15 @@ Rank and world size are explicit arguments: workers never look at ``torch.distri
 environment, which spawned workers cannot see reliably. Iterate the loader yourself; do not hand
 it to ``deepspeed.initialize(training_data=...)``, which would wrap it in a DistributedSampler.
 
-Unreadable samples (bad JPEG, truncated tar member) are replaced inside their micro-batch by a
-re-augmented copy of another sample, so batch size and batch count never change; they are
-counted in ``batch["corrupt"]`` and ``loader.stats["corrupt"]`` and logged at a limited rate.
+Unreadable samples (bad image, truncated or damaged tar) are replaced inside their micro-batch
+by a re-augmented copy of another sample, so batch size and batch count never change. A
+micro-batch with no readable sample at all (it fell into the lost tail of a damaged tar) is
+filled with samples drawn by ``plan.fill_positions`` from the rest of the worker's share, then
+from the whole epoch: a function of (seed, epoch, rank, worker, batch) and the data, so a
+resumed loader fills it the same way. Only data in which none of those draws reads stops the
+run. Replaced samples are counted in ``batch["corrupt"]`` / ``loader.stats["corrupt"]`` (those
+filled from elsewhere also in ``filled``), logged at a limited rate, and every damaged shard is
+named once in the log and in ``loader.stats["damaged_shards"]``.
 
 ``cfg.data.train`` selects the source: ``demo``, a ``manifest.json`` (or a folder holding one;
 ``data.shard_url_template`` opens its shards remotely), a brace-expanded shard URL list, an
@@ -56,6 +64,10 @@ log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
 
 
+FILL_TRIES = 64  # samples drawn for an all-unreadable micro-batch before the data counts as unreadable
+FILL_SOURCES = 4  # distinct readable samples that fill such a micro-batch (views of them repeat)
+
+
 class _RateLimitedLog:
     """The first ``burst`` messages, then at most one per ``interval`` seconds with a count."""
 
@@ -71,6 +83,19 @@ class _RateLimitedLog:
             self.sent, self.suppressed, self.last = self.sent + 1, 0, now
         else:
             self.suppressed += 1
+
+
+@dataclasses.dataclass
+class _Reader:
+    """What one logical worker knows while it reads its share of an epoch."""
+
+    worker: int
+    segments: list[plan.Segment]
+    report: _RateLimitedLog = dataclasses.field(default_factory=_RateLimitedLog)
+    reported: set[str] = dataclasses.field(default_factory=set)  # damaged origins named so far
+    # (shard, position) pairs a fill draw found unreadable; skipping them again changes no
+    # outcome (they would fail again), it only saves the re-read.
+    known_bad: set[tuple[int, int]] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
@@ -101,10 +126,7 @@ class StreamingDataset(IterableDataset):
         physical, count = (info.id, info.num_workers) if info else (0, 1)
         if count != self.workers:
             raise RuntimeError(f"dataset built for {self.workers} workers runs in {count}")
-        # After k consumed micro-batches the DataLoader asks physical worker 0 first, so physical
-        # worker p must play logical worker (k + p) % W from its ((k + p) // W)-th batch on.
-        worker = (self.start + physical) % self.workers
-        first = (self.start + physical) // self.workers
+        worker, first = plan.resume_point(self.start, self.workers, physical)
         n = plan.worker_batches(self.num_batches, self.workers, worker)
         if first >= n:
             return
@@ -119,7 +141,7 @@ class StreamingDataset(IterableDataset):
             needed[q] = 1
         stream = self._stream(segments, needed)
         pending: dict[int, RawSample] = {}
-        report = _RateLimitedLog()
+        reader = _Reader(worker, segments)
         for j in range(first, n):
             raws = []
             for q in order[j * B : (j + 1) * B]:
@@ -127,7 +149,7 @@ class StreamingDataset(IterableDataset):
                     pos, raw = next(stream)
                     pending[pos] = raw
                 raws.append(pending.pop(q))
-            yield self._collate(raws, j * self.workers + worker, report)
+            yield self._collate(raws, j, reader)
 
     def _stream(
         self, segments: list[plan.Segment], needed: bytearray
@@ -141,8 +163,9 @@ class StreamingDataset(IterableDataset):
                 yield base + p, raw
             offset += hi - lo
 
-    def _collate(self, raws: list[RawSample], index: int, report: _RateLimitedLog) -> Batch:
-        B = len(raws)
+    def _collate(self, raws: list[RawSample], j: int, reader: _Reader) -> Batch:
+        """Micro-batch ``j`` of ``reader``'s logical worker from its raw samples."""
+        B, index = len(raws), j * self.workers + reader.worker
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * B
         errors: dict[int, str] = {}
         for i, raw in enumerate(raws):
@@ -155,21 +178,30 @@ class StreamingDataset(IterableDataset):
                 errors[i] = raw.error
         keys = [r.key for r in raws]
         labels = [r.label for r in raws]
+        damaged = []
+        for i in errors:
+            origin = raws[i].origin
+            if origin and origin not in reader.reported:
+                reader.reported.add(origin)
+                damaged.append(origin)
         good = [i for i in range(B) if out[i] is not None]
-        if not good:
-            raise ShardError(
-                f"epoch {self.epoch}, rank {self.rank}, micro-batch {index}: all {B} "
-                f"samples are unreadable (first: {errors[0]}); check the shards with "
-                f"`python data_prep/verify_shards.py` and rebuild the bad ones"
-            )
-        for i, message in errors.items():
-            report(message)
-            # Keep B and the batch count fixed: reuse the next good sample of this batch, with
-            # the bad sample's own RNG so the copy is a different view. Depending only on this
-            # batch keeps resume exact.
-            src = next((g for g in good if g > i), good[0])
-            out[i] = self.transform(raws[src].data, self.epoch, raws[i].key)  # type: ignore[arg-type]
-            keys[i], labels[i] = raws[src].key, raws[src].label
+        filled = 0
+        if good:
+            for i in errors:
+                # Keep B and the batch count fixed: reuse the next good sample of this batch,
+                # with the bad sample's own RNG so the copy is a different view. Depending only
+                # on this batch keeps resume exact.
+                src = next((g for g in good if g > i), good[0])
+                out[i] = self.transform(raws[src].data, self.epoch, raws[i].key)  # type: ignore[arg-type]
+                keys[i], labels[i] = raws[src].key, raws[src].label
+        else:  # nothing to copy here: stand-ins from elsewhere, each slot a view of one
+            pool, views = self._fill(raws, j, errors, reader)
+            for i in range(B):
+                data, keys[i], labels[i] = pool[i % len(pool)]
+                out[i] = views[i] if i < len(views) else self.transform(data, self.epoch, raws[i].key)  # type: ignore[arg-type]
+            filled = B
+        for message in errors.values():
+            reader.report(message)
         images, masks = zip(*out)  # type: ignore[misc]
         batch: Batch = {"images": torch.stack(images)}
         if masks[0] is not None:  # labelled (fine-tuning) transforms make no masks
@@ -178,9 +210,53 @@ class StreamingDataset(IterableDataset):
             "labels": torch.tensor(labels, dtype=torch.int64),
             "keys": keys,
             "corrupt": len(errors),
+            "filled": filled,
+            "damaged_shards": damaged,
             "epoch": self.epoch,
             "index": index,
         }
+
+    def _fill(
+        self, raws: list[RawSample], j: int, errors: dict[int, str], reader: _Reader
+    ) -> tuple[list[tuple[Any, str, int]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Stand-ins for micro-batch ``j``, none of whose samples reads: up to ``FILL_SOURCES``
+        readable samples found among ``plan.fill_positions``, and their first views (made with
+        the RNGs of the batch's first slots). Reads only those positions, so it costs nothing
+        unless a batch is wholly lost, and depends on nothing the stream read before."""
+        own = sum(hi - lo for _, lo, hi in reader.segments)
+        counts = [s.count for s in self.source.shards]
+        sequence = plan.slice_sequence(counts, plan.shard_order(self.seed, self.epoch, len(counts)),
+                                       0, sum(counts))
+        total = min(self.num_samples, sum(counts))
+        want = min(len(raws), FILL_SOURCES)
+        pool: list[tuple[Any, str, int]] = []
+        views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for mine, q in plan.fill_positions(self.seed, self.epoch, self.rank, reader.worker, j,
+                                           own, total, FILL_TRIES):
+            shard, p = plan.locate(reader.segments if mine else sequence, q)
+            if (shard, p) in reader.known_bad:  # known from an earlier draw: skip the re-read
+                continue
+            raw = next(iter(self.source.read(shard, p, p + 1, lambda _: True)), None)
+            if raw is not None and raw[1].error is None and raw[1].key not in (s[1] for s in pool):
+                sample = raw[1]
+                try:
+                    views.append(self.transform(sample.data, self.epoch, raws[len(pool)].key))  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - an unreadable stand-in is just skipped
+                    reader.known_bad.add((shard, p))
+                    continue
+                pool.append((sample.data, sample.key, sample.label))
+                if len(pool) == want:
+                    break
+            elif raw is None or raw[1].error is not None:
+                reader.known_bad.add((shard, p))
+        if not pool:
+            first = next(iter(errors.values()))
+            raise ShardError(
+                f"epoch {self.epoch}, rank {self.rank}, micro-batch {j * self.workers + reader.worker}: "
+                f"all {len(raws)} samples are unreadable (first: {first}), and so are "
+                f"{FILL_TRIES} samples drawn from the rest of the data to replace them; check "
+                f"the shards with `python data_prep/verify_shards.py` and rebuild the bad ones")
+        return pool, views
 
 
 def iterate_and_join(loader: DataLoader) -> Iterator[Any]:
@@ -218,7 +294,8 @@ class TrainLoader:
     ) -> None:
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         self.epoch, self.batches = 0, 0
-        self.stats = {"corrupt": 0, "batches": 0}
+        # damaged_shards: every shard (ImageFolder: file) found damaged so far, first-seen order
+        self.stats: dict[str, Any] = {"corrupt": 0, "filled": 0, "batches": 0, "damaged_shards": []}
         if state is not None:
             self.load_state_dict(state)
 
@@ -237,6 +314,11 @@ class TrainLoader:
             "num_samples": d.num_samples,
             "seed": d.seed,
         }
+
+    def position_after(self, batch: Batch) -> dict[str, Any]:
+        """``state_dict()`` as it was right after ``batch`` was handed out: the position to save
+        when a consumer holds batches ahead (a device prefetcher) and the loader has moved on."""
+        return self.state_dict() | {"epoch": int(batch["epoch"]), "batches": int(batch["index"]) + 1}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
@@ -285,6 +367,13 @@ class TrainLoader:
             self.batches += 1
             self.stats["batches"] += 1
             self.stats["corrupt"] += batch["corrupt"]
+            self.stats["filled"] += batch["filled"]
+            for name in batch["damaged_shards"]:  # each worker names a shard once per epoch
+                if name not in self.stats["damaged_shards"]:
+                    self.stats["damaged_shards"].append(name)
+                    log.warning("damaged shard %s: its unreadable samples are replaced and "
+                                "counted; check it with `python data_prep/verify_shards.py` "
+                                "and rebuild it", name)
             yield batch
         self.epoch, self.batches = self.epoch + 1, 0
 
@@ -305,7 +394,7 @@ def open_source(cfg: BootMAEConfig) -> Source:
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file():
             return TarSource.from_manifest(path / MANIFEST_NAME, d.shard_url_template)
-        return FolderSource(path)
+        return FolderSource(path, seed=cfg.run.seed)
     if "{" in spec or spec.startswith("pipe:") or spec.endswith(".tar") or "://" in spec:
         return TarSource.from_urls(spec, d.num_samples)
     raise ShardError(

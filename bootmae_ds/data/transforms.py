@@ -9,13 +9,16 @@ worker and keeps host-to-device copies 4x smaller.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -26,17 +29,46 @@ from bootmae_ds.data.seeds import mix_seed
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
+# The encodings a sample may hold: what the shard builder writes (JPEG, PNG, WebP) plus GIF,
+# which ImageFolder trees may contain. Pillow would open many more (TIFF, PSD, ...) through
+# decoders nobody here has fuzzed; such files count as corrupt samples instead.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
+
 def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
-    """Encoded JPEG/PNG/WebP bytes (or an already decoded uint8 image) -> uint8 [3, H, W]."""
+    """Encoded JPEG/PNG/WebP/GIF bytes (or an already decoded uint8 image) -> uint8 [3, H, W].
+
+    Damaged bytes raise a Python exception (OSError, ValueError, RuntimeError, ...); they never
+    kill the process. ``torchvision.io.decode_image`` did on damaged PNGs: its libpng error path
+    ends in SIGSEGV (``libpng error: IDAT: invalid distance too far back``, 249 of 400 fuzzed
+    PNGs), which takes a training rank down. So Pillow parses every header (format, size) and
+    decodes PNG, WebP and GIF (its PNG reader is its own code on zlib, not libpng);
+    JPEG stays with torchvision's libjpeg-turbo decoder, which fuzzing never crashed and which
+    is about 1.7x faster than Pillow's path to a tensor (bench/decode.py). A header that claims
+    more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89.5 M by default: a damaged JPEG size
+    field, a decompression bomb; raise it before the loader starts for datasets of huge images)
+    is refused before pixel memory is allocated. Pixels equal ``decode_image``'s for 8-bit JPEG
+    (RGB, grey, CMYK), PNG, WebP and GIF.
+    """
     if isinstance(data, torch.Tensor):
         return data
-    # bytearray: torch.frombuffer needs a writable buffer to avoid a warning per call.
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image codecs in favour of torchcodec (not a dependency
-        # yet) and warns on every call; once per image would flood logs and test reports.
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a sample that big is damage.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # torchvision 0.29 deprecates its codecs in favour of torchcodec (not a dependency yet)
+        # and warns on every call; once per image would flood logs and test reports.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(encoded, mode=ImageReadMode.RGB)
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:  # the header only
+            if image.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames (cameras)
+                # bytearray: torch.frombuffer needs a writable buffer to avoid a warning.
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return decode_jpeg(encoded, mode=ImageReadMode.RGB)
+            if image.mode.startswith("I;16"):  # 16-bit grey PNG: keep the high byte
+                grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+                return torch.from_numpy(grey).expand(3, *grey.shape).contiguous()
+            rgb = image.convert("RGB")  # decodes everything; truncation raises OSError
+    # np.array copies out of Pillow's read-only buffer: the tensor owns writable memory.
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def crop_params(

@@ -9,10 +9,17 @@ is never materialised whole on any rank.
 
 Pre-training's momentum encoder is the EMA of ``encoder.``; fine-tuning's model EMA that of the
 whole classifier (prefix ``""``).
+
+Another world size moves every slice boundary. :func:`zero2_layout` computes a group's flat
+layout and cut exactly as DeepSpeed 0.19.8's ZeRO stage 1/2 does, from parameter shapes alone,
+and :func:`reslice_plan` says which (old rank, offset, length) ranges fill each new rank's
+slices, so a resized run's rank reads only the 1-3 old shards that hold its part.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +39,111 @@ class ParamSlot:
     group: int  # index among the EMA's groups
     offset: int
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a sharded EMA's groups are laid out and cut: all a re-slicing needs to know."""
+
+    world_size: int
+    partition_sizes: tuple[int, ...]  # per group: elements of each rank's slice
+    slots: tuple[ParamSlot, ...]
+
+    @classmethod
+    def of_state(cls, state: dict[str, Any]) -> ShardLayout:
+        """The layout a :meth:`ShardedEMA.state_dict` was written with."""
+        return cls(state["world_size"], tuple(state["partition_sizes"]),
+                   tuple(ParamSlot(n, g, o, tuple(shape)) for n, g, o, shape in state["slots"]))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``length`` elements of group ``group``: from ``old_offset`` in old rank ``old_rank``'s
+    slice to ``new_offset`` in the new rank's slice."""
+
+    group: int
+    old_rank: int
+    old_offset: int
+    new_offset: int
+    length: int
+
+
+def zero2_layout(
+    groups: list[list[tuple[str, tuple[int, ...]]]], world_size: int, *,
+    round_robin: bool = False, parameter_alignment: bool = False, element_size: int = 2,
+) -> ShardLayout:
+    """The flat layout of ZeRO stage 1/2 param groups (``[(name, shape), ...]`` each, trainable
+    parameters in the optimizer's order) at ``world_size`` ranks, as DeepSpeed 0.19.8 builds it
+    (``DeepSpeedZeroOptimizer.__init__`` in runtime/zero/stage_1_and_2.py):
+
+    - ``round_robin_gradients`` reorders a group: parameter ``i`` goes to bucket ``i % world``,
+      buckets laid out in order, each in index order;
+    - ``parameter_alignment`` pads each parameter but the last to 16 bytes;
+    - the flat buffer is padded at the end to a multiple of ``nccl_start_alignment_factor`` (2)
+      x world size, so it splits into ``world_size`` equal slices (``get_data_parallel_partitions``).
+    """
+    alignment = 2 * world_size
+    step = 16 // math.gcd(16, element_size) if parameter_alignment else 1
+    sizes, slots = [], []
+    for g, params in enumerate(groups):
+        order = sorted(range(len(params)), key=lambda i: (i % world_size, i)) if round_robin \
+            else range(len(params))
+        offsets, offset = {}, 0
+        for k, i in enumerate(order):
+            offsets[i] = offset
+            offset += math.prod(params[i][1])
+            if k < len(params) - 1:
+                offset += -offset % step
+        sizes.append(-(-offset // alignment) * alignment // world_size)
+        slots += [ParamSlot(name, g, offsets[i], tuple(shape)) for i, (name, shape) in enumerate(params)]
+    return ShardLayout(world_size, tuple(sizes), tuple(slots))
+
+
+def reslice_plan(old: ShardLayout, new: ShardLayout,
+                 ranks: Iterable[int] | None = None) -> dict[int, list[Piece]]:
+    """For each new rank (all, or ``ranks``): the pieces of old slices that fill its new slices,
+    in new-offset order, contiguous runs merged. Parameters are matched by name, so layouts whose
+    parameter order differs (``round_robin_gradients``) map correctly; the new slices' padding is
+    in no piece (it stays zero, as DeepSpeed pads)."""
+    old_at = {s.name: s for s in old.slots}
+    mismatch = sorted({s.name for s in new.slots} ^ set(old_at)) + [
+        s.name for s in new.slots
+        if s.name in old_at and (old_at[s.name].shape, old_at[s.name].group) != (s.shape, s.group)]
+    if mismatch or len(old.partition_sizes) != len(new.partition_sizes):
+        raise ValueError(f"sharded EMA of world size {old.world_size} does not match this model "
+                         f"(parameters {mismatch[:5]}, groups {len(old.partition_sizes)} -> "
+                         f"{len(new.partition_sizes)}); resume with the model config that wrote it")
+    wanted = set(range(new.world_size) if ranks is None else ranks)
+    out: dict[int, list[Piece]] = {r: [] for r in sorted(wanted)}
+    for s in sorted(new.slots, key=lambda s: (s.group, s.offset)):
+        size_new, size_old = new.partition_sizes[s.group], old.partition_sizes[s.group]
+        a, end = s.offset, s.offset + math.prod(s.shape)  # new flat coordinates
+        x = old_at[s.name].offset  # old flat coordinate of element a
+        while a < end:
+            r, q = a // size_new, x // size_old
+            length = min(end - a, (r + 1) * size_new - a, (q + 1) * size_old - x)
+            if r in wanted:
+                piece = Piece(s.group, q, x - q * size_old, a - r * size_new, length)
+                last = out[r][-1] if out[r] else None
+                if (last and (last.group, last.old_rank) == (piece.group, q)
+                        and last.old_offset + last.length == piece.old_offset
+                        and last.new_offset + last.length == piece.new_offset):
+                    out[r][-1] = Piece(s.group, q, last.old_offset, last.new_offset, last.length + length)
+                else:
+                    out[r].append(piece)
+            a, x = a + length, x + length
+    return out
+
+
+def reslice(pieces: list[Piece], partition_sizes: Iterable[int],
+            open_shard: Callable[[int], dict[str, Any]]) -> list[torch.Tensor]:
+    """One new rank's fp32 slices from ``pieces`` of the old shards ``open_shard(old_rank)``
+    returns (a :meth:`ShardedEMA.state_dict`); padding stays zero."""
+    out = [torch.zeros(n, dtype=torch.float32) for n in partition_sizes]
+    for p in pieces:
+        src = open_shard(p.old_rank)["ema"][p.group]
+        out[p.group][p.new_offset: p.new_offset + p.length] = src[p.old_offset: p.old_offset + p.length]
+    return out
 
 
 class ShardedEMA:
@@ -122,6 +234,28 @@ class ShardedEMA:
             )
         for ema, saved in zip(self.ema, state["ema"]):
             ema.copy_(saved.to(ema.device))
+        self.gather()
+
+    @property
+    def layout(self) -> ShardLayout:
+        return ShardLayout(self.world_size, tuple(self.partition_sizes), tuple(self.slots))
+
+    @torch.no_grad()
+    def load_resliced(self, open_shard: Callable[[int], dict[str, Any]]) -> None:
+        """Take this rank's slices from the shards of another world size: ``open_shard(r)`` gives
+        old rank ``r``'s :meth:`state_dict`. Rank 0's is read for the old layout, then only the
+        old shards this rank's :func:`reslice_plan` names (1-3 when the size changes a little),
+        not all of them."""
+        cache: dict[int, dict[str, Any]] = {}
+
+        def shard(r: int) -> dict[str, Any]:
+            if r not in cache:
+                cache[r] = open_shard(r)
+            return cache[r]
+
+        pieces = reslice_plan(ShardLayout.of_state(shard(0)), self.layout, [self.rank])[self.rank]
+        for ema, part in zip(self.ema, reslice(pieces, self.partition_sizes, shard)):
+            ema.copy_(part.to(ema.device))
         self.gather()
 
     @torch.no_grad()

@@ -18,8 +18,8 @@ from bootmae_ds.data.masking import MaskGenerator
 from bootmae_ds.models import build_model
 from bootmae_ds.runtime.dist import init_distributed
 from bootmae_ds.runtime.ds_config import build_ds_config
-from bootmae_ds.runtime.optim import build_optimizer, set_hyperparameters
-from bootmae_ds.runtime.sharded_ema import ShardedEMA, consolidate_shards
+from bootmae_ds.runtime.optim import build_optimizer, param_groups, set_hyperparameters
+from bootmae_ds.runtime.sharded_ema import ShardedEMA, consolidate_shards, zero2_layout
 
 precision, out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 info = init_distributed()
@@ -33,6 +33,11 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, 
 dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 momentum = ShardedEMA(engine, teacher, "encoder.", dtype)
 zero = engine.optimizer
+# The layout computed from shapes alone (what re-slicing plans use) must be the engine's.
+names = {id(p): n for n, p in engine.module.named_parameters()}
+encoder_groups = [[(names[id(p)][len("encoder."):], tuple(p.shape)) for p in g["params"]]
+                  for g in param_groups(engine.module) if g["name"].startswith("encoder")]
+layout_match = zero2_layout(encoder_groups, info.world_size) == momentum.layout
 
 
 @torch.no_grad()
@@ -82,7 +87,7 @@ changed = any(not torch.equal(reference[k], v) for k, v in full_online_fp32().it
 result = {"rank": info.rank, "exact": exact, "max_err": max_err, "target_match": target_match,
           "frozen_match": frozen_match, "applied": applied, "local_bytes": momentum.local_bytes,
           "encoder_fp32_bytes": 4 * encoder_numel, "keys": sorted(consolidated) == sorted(reference),
-          "ema_differs_from_online": changed}
+          "ema_differs_from_online": changed, "layout_match": layout_match}
 results = [None] * info.world_size
 dist.all_gather_object(results, result)
 if info.rank == 0:
