@@ -1,2 +1,4 @@
-"""Weights in and out of other layouts: the official BootMAE checkpoints (``official``), encoders
-read from runs and released files (``encoders``), and the export to timm's ViT (``export``)."""
+"""Weights in and out of other layouts: the official BootMAE checkpoints (``official``), MAE's and
+timm's ViT keys (``mae``), encoders read from runs and released files (``encoders``), the initial
+weights of a pre-training run (``pretrain_init``), and the exports to timm's ViT (``export``) and
+to the official BootMAE file layout (``official_export``)."""

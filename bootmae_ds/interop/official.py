@@ -102,6 +102,10 @@ def ours_to_official(state_dict: Mapping[str, torch.Tensor], cfg: BootMAEConfig)
         if official == "lm_head.proj.weight":
             dim = value.shape[1]
             value = value.reshape(p, p, -1, dim).permute(3, 2, 0, 1)
+        if official == "lm_head.proj.bias" and value.numel() != cfg.model.in_chans:
+            raise OfficialCheckpointError(
+                f"{key} holds {value.numel()} biases, one per predicted value (model.pixel_head_bias="
+                f"per_value, MAE's head); the official ConvTranspose2d head holds one per channel")
         out[official] = value
     return out
 

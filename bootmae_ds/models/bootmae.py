@@ -67,7 +67,7 @@ class BootMAE(nn.Module):
         self.pixel_context = m.resolve_block(pix.context_block) if pix.context else None
         self.pixel_decoder = Decoder(
             m.embed_dim, pix_dim, pix.depth, pix.num_heads or m.num_heads, grid,
-            head=PatchPixelHead(pix_dim, m.patch_size, m.in_chans),
+            head=PatchPixelHead(pix_dim, m.patch_size, m.in_chans, m.pixel_head_bias),
             context_dim=m.embed_dim if pix.context else None, head_dim=pix.head_dim,
             mlp_ratio=pix.mlp_ratio, qkv_bias=m.qkv_bias, norm_eps=m.norm_eps,
             pos_embed_visible=pix.pos_embed_visible,

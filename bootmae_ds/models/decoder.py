@@ -17,23 +17,31 @@ from .pos_embed import sincos_2d
 class PatchPixelHead(nn.Module):
     """Per-patch linear map to ``P*P*C`` pixel values ordered (row, column, channel).
 
-    It is exactly the official ``ConvTranspose2d(dim, C, P, stride=P)`` over the patch grid,
-    including its single bias per output channel, so official weights map onto it losslessly.
+    With ``bias="per_channel"`` it is exactly the official ``ConvTranspose2d(dim, C, P, stride=P)``
+    over the patch grid, including its single bias per output channel, so official weights map
+    onto it losslessly. ``bias="per_value"`` is MAE's ``decoder_pred`` instead: a Linear with one
+    bias per predicted value (``P*P*C``), so MAE's decoder maps onto it exactly.
     """
 
-    def __init__(self, dim: int, patch_size: int, out_chans: int = 3) -> None:
+    def __init__(self, dim: int, patch_size: int, out_chans: int = 3, bias: str = "per_channel") -> None:
         super().__init__()
+        if bias not in ("per_channel", "per_value"):
+            raise ValueError(f"pixel head bias {bias!r}: must be 'per_channel' or 'per_value'")
         self.patch_size = patch_size
         self.out_chans = out_chans
-        self.weight = nn.Parameter(torch.empty(patch_size * patch_size * out_chans, dim))
-        self.bias = nn.Parameter(torch.zeros(out_chans))
-        # The official head keeps ConvTranspose2d's default init: U(+-1/sqrt(C*P*P)) for both.
-        bound = (out_chans * patch_size * patch_size) ** -0.5
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        self.per_value = bias == "per_value"
+        out = patch_size * patch_size * out_chans
+        self.weight = nn.Parameter(torch.empty(out, dim))
+        self.bias = nn.Parameter(torch.zeros(out if self.per_value else out_chans))
+        if self.per_value:  # MAE's init of every Linear: xavier-uniform weight, zero bias
+            nn.init.xavier_uniform_(self.weight)
+        else:  # the official head keeps ConvTranspose2d's default init: U(+-1/sqrt(C*P*P)) for both
+            bound = (out_chans * patch_size * patch_size) ** -0.5
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.repeat(self.patch_size * self.patch_size)  # [(p, q, c)]
+        bias = self.bias if self.per_value else self.bias.repeat(self.patch_size * self.patch_size)  # [(p, q, c)]
         return nn.functional.linear(x, self.weight, bias)
 
 

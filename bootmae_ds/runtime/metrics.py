@@ -1,4 +1,5 @@
-"""Run observability on rank 0: metrics.jsonl every step, TensorBoard and a console line every N."""
+"""Run observability on rank 0: metrics.jsonl every step, the experiment trackers of
+``logging.trackers`` (``runtime/trackers.py``) and a console line every N steps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import torch
 
-EVAL_PREFIXES = ("knn_", "eval_")
+from .trackers import Tracker, check_available, numbers, open_trackers
+
 CONSOLE_EVALS = (("knn_top1", "k-NN top-1"), ("eval_top1", "val top-1"), ("eval_ema_top1", "EMA val top-1"))
 # Dense bf16 matmul peaks (TFLOP/s) of common training GPUs, for MFU when not configured.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -28,22 +30,20 @@ def device_peak_tflops(cfg: Any, device: torch.device) -> float | None:
 
 
 class MetricsLogger:
-    """Writes one JSON line per optimizer step; TensorBoard scalars and a progress line every N."""
+    """Writes one JSON line per optimizer step, feeds the trackers, and a progress line every N."""
 
     def __init__(self, run_dir: Path, cfg: Any, total_steps: int, enabled: bool) -> None:
+        check_available(cfg.logging.trackers)  # on every rank, so that all of them stop together
         self.enabled = enabled
         self.every = cfg.logging.every_steps
         self.total_steps = total_steps
-        self.writer = None
+        self.trackers: list[Tracker] = []
         self.jsonl = None
         self.start_time = time.perf_counter()
         self.start_step: int | None = None
         if enabled:
             self.jsonl = (run_dir / "metrics.jsonl").open("a")
-            if cfg.logging.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.trackers = open_trackers(run_dir, cfg)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         """``step`` is the number of optimizer steps taken (1-based)."""
@@ -53,16 +53,10 @@ class MetricsLogger:
             self.start_step, self.start_time = step - 1, time.perf_counter()
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
-        if self.writer is not None:  # evaluations are rare: always on TensorBoard
-            for key, value in row.items():
-                if key.startswith(EVAL_PREFIXES):
-                    self.writer.add_scalar(f"eval/{key}", value, step)
-        if step % self.every and step != self.total_steps:
+        periodic = not step % self.every or step == self.total_steps
+        self._each("log", step, numbers(row), periodic)
+        if not periodic:
             return
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, step)
         elapsed = time.perf_counter() - self.start_time
         rate = (step - self.start_step) / max(elapsed, 1e-9)
         eta = (self.total_steps - step) / max(rate, 1e-9)
@@ -75,11 +69,27 @@ class MetricsLogger:
         print("  ".join(parts), flush=True)
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, grid, step)
+        self._each("image", tag, grid, step)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+            self.jsonl = None
+        self._each("close")
+        self.trackers = []
+
+    def _each(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every tracker; one that fails is dropped with a warning (only its
+        images, when an image fails), since a tracker's service going down must not stop
+        training: metrics.jsonl has every row."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as err:  # noqa: BLE001 - any library, any failure
+                what = "its images are" if method == "image" else "it is"
+                if method == "image":
+                    tracker.image = lambda *_: None  # type: ignore[method-assign]
+                else:
+                    self.trackers.remove(tracker)
+                print(f"warning: tracker {tracker.name} failed ({type(err).__name__}: {err}); {what} off for "
+                      f"the rest of the run, metrics.jsonl has every row", flush=True)
