@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -47,6 +48,31 @@ def test_layer_decay_scales_follow_beit_numbering():
             int(name.split(".")[2]) + 1 if name.startswith("encoder.blocks.") else 4
         assert scale[id(p)] == pytest.approx(decay ** (4 - layer)), name
         assert decays[id(p)] == (p.ndim > 1 and name != "encoder.cls_token"), name
+
+
+def test_classifier_has_a_fresh_fc_norm_and_a_frozen_position_embedding_by_default():
+    from bootmae_ds.finetune.model import build_classifier
+
+    encoder = build_model(load_config("demo")).encoder
+    with torch.no_grad():
+        encoder.norm.weight.uniform_(0.5, 1.5)
+        encoder.norm.bias.uniform_(-1, 1)
+    pretrained = (encoder.norm.weight.clone(), encoder.norm.bias.clone())
+    fresh = ViTClassifier(copy.deepcopy(encoder), num_classes=10)
+    assert torch.equal(fresh.fc_norm.weight, torch.ones(96)) and torch.equal(fresh.fc_norm.bias, torch.zeros(96))
+    kept = ViTClassifier(encoder, num_classes=10, fc_norm="encoder")
+    assert torch.equal(kept.fc_norm.weight, pretrained[0]) and torch.equal(kept.fc_norm.bias, pretrained[1])
+    # the encoder's own norm is gone from both: no parameter without a gradient in the optimizer
+    for model in (fresh, kept):
+        assert not any(n.startswith("encoder.norm.") for n, _ in model.named_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = fresh.encoder(x).z[:, 1:].mean(dim=1)  # no final norm left in the encoder
+        torch.testing.assert_close(fresh.forward_pooled(x), torch.nn.functional.layer_norm(tokens, (96,), eps=1e-6))
+    model, _, _ = build_classifier(load_finetune_config("demo"))
+    assert not model.encoder.pos_embed.requires_grad and model.encoder.cls_token.requires_grad
+    trained, _, _ = build_classifier(load_finetune_config("demo", ["model.train_pos_embed=true"]))
+    assert trained.encoder.pos_embed.requires_grad
 
 
 def test_labelled_transform_is_a_function_of_epoch_and_key():

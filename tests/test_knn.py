@@ -89,3 +89,35 @@ def test_cli_on_a_run_a_random_init_and_bad_input(tmp_path) -> None:
         assert 10 < result["top1"] <= result["top5"] <= 100  # 10 digit classes: far above chance
     bad = run(["python", "launchers/knn.py", str(tmp_path / "nope")])
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_distributed_knn_equals_one_process(tmp_path) -> None:
+    import json
+
+    from distributed import deepspeed_cmd, run
+
+    from bootmae_ds.data.demo import ensure_demo_shards
+    from bootmae_ds.data.labelled import load_images
+    from bootmae_ds.data.sources import TarSource
+
+    args = ["--random-init", "--config", "demo", "--num-workers", "1", "--batch-size", "128"]
+    one = run(["python", "launchers/knn.py", *args, "--save-features", str(tmp_path / "one.pt")])
+    two = run(deepspeed_cmd("launchers/knn.py", *args, "--save-features", str(tmp_path / "two.pt")))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stdout[-3000:]
+    r1, r2 = (json.loads(next(line for line in reversed(p.stdout.splitlines()) if line.startswith("{")))
+              for p in (one, two))
+    assert (r1["ranks"], r2["ranks"]) == (1, 2) and r1["bank_size"] == r2["bank_size"] == 1500
+    assert (r1["top1"], r1["top5"]) == (r2["top1"], r2["top5"])
+    f1, f2 = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for key in ("bank_labels", "query_labels"):
+        assert torch.equal(f1[key], f2[key]), key
+    for key in ("bank", "queries"):
+        torch.testing.assert_close(f1[key], f2[key], rtol=1e-5, atol=1e-5)
+    # and they are the monitor's features of the same encoder, images in shard order
+    cfg = tiny_config()
+    torch.manual_seed(cfg.run.seed)
+    encoder = build_model(cfg).encoder
+    bank = load_images(TarSource.from_manifest(ensure_demo_shards() / "train" / "manifest.json"), 32)
+    assert torch.equal(f2["bank_labels"], bank.labels)
+    expected = extract_features(encoder, bank.images, cfg.data.mean, cfg.data.std)
+    torch.testing.assert_close(f2["bank"], expected, rtol=1e-5, atol=1e-5)

@@ -157,7 +157,7 @@ class _EvalShare(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        images, labels, base = [], [], 0
+        images, labels, indices, base = [], [], [], 0
         for shard, spec in enumerate(self.source.shards):
             stop = min(spec.count, self.limit - base)
             if stop <= 0:
@@ -167,23 +167,29 @@ class _EvalShare(IterableDataset):
                 i = base + p
                 return i % self.world == self.rank and (i // self.world) % workers == worker
 
-            for _, raw in self.source.read(shard, 0, stop, mine):
+            for p, raw in self.source.read(shard, 0, stop, mine):
                 if raw.error is not None or raw.data is None:
                     raise ValueError(f"evaluation sample {raw.key}: {raw.error or 'no image'}; fix or "
                                      f"rebuild the shard (python data_prep/verify_shards.py)")
                 images.append(eval_transform(decode_rgb(raw.data), self.size, self.crop_pct))
                 labels.append(raw.label)
+                indices.append(base + p)  # the sample's place in shard order: gathers restore it
                 if len(images) == self.batch_size:
-                    yield {"images": torch.stack(images), "labels": torch.tensor(labels)}
-                    images, labels = [], []
+                    yield _eval_batch(images, labels, indices)
+                    images, labels, indices = [], [], []
             base += spec.count
         if images:
-            yield {"images": torch.stack(images), "labels": torch.tensor(labels)}
+            yield _eval_batch(images, labels, indices)
+
+
+def _eval_batch(images: list[torch.Tensor], labels: list[int], indices: list[int]) -> dict[str, Any]:
+    return {"images": torch.stack(images), "labels": torch.tensor(labels), "indices": torch.tensor(indices)}
 
 
 def eval_batches(source: Source, size: int, crop_pct: float, rank: int, world: int, batch_size: int,
                  limit: int | None, num_workers: int) -> Iterator[dict[str, Any]]:
-    """Centre-cropped uint8 batches of this rank's share of ``source`` (each image on one rank)."""
+    """Centre-cropped uint8 batches of this rank's share of ``source`` (each image on one rank):
+    ``images``, ``labels`` and ``indices`` (each image's position in shard order)."""
     share = _EvalShare(source, size, crop_pct, rank, world, batch_size, limit)
     # A private generator: worker seeds must not come from (and advance) the training RNG.
     loader = DataLoader(share, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),

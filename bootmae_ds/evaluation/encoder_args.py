@@ -27,7 +27,7 @@ def check_encoder_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def load_eval_encoder(args: argparse.Namespace) -> tuple[BootMAEConfig, torch.nn.Module, str]:
-    """(config, fp32 encoder on the GPU if there is one, description) for the parsed flags."""
+    """(config, fp32 encoder on the CPU, description) for the parsed flags."""
     from ..config import load_config
     from ..interop.encoders import from_official, from_run
     from ..models import build_model
@@ -41,6 +41,4 @@ def load_eval_encoder(args: argparse.Namespace) -> tuple[BootMAEConfig, torch.nn
             from_run(args.run, args.tag, args.which)
         cfg_encoder, source = (exp.cfg, exp.encoder), f"{args.official or args.run} ({args.which})"
     cfg, encoder = cfg_encoder
-    if torch.cuda.is_available():
-        encoder = encoder.cuda()
     return cfg, encoder, source

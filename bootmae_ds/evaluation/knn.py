@@ -1,12 +1,16 @@
 """A weighted k-NN classifier on frozen encoder features: the cheap yardstick of representation
 quality (k=20, cosine similarity, votes weighted by exp(sim / 0.07), as DINO evaluates).
 
-Features are the mean of the encoder's normalised patch tokens (the pooling BootMAE fine-tunes
-with). Images are resized (shorter side to ``img_size / crop_pct``) and centre-cropped
-(``bootmae_ds.data.labelled``).
+Features are the mean of the encoder's normalised patch tokens (``pooled_tokens``). Images are
+resized (shorter side to ``img_size / crop_pct``) and centre-cropped (``bootmae_ds.data.labelled``).
+``KnnMonitor`` is the in-training monitor (rank 0, a limited bank held in memory);
+``launchers/knn.py`` evaluates whole sets (e.g. all of ImageNet's training images as the bank)
+with every rank extracting its share (``bootmae_ds.evaluation.features``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +41,23 @@ def extract_features(encoder: torch.nn.Module, images: torch.Tensor, mean: tuple
     return torch.cat(out)
 
 
+def pooled_tokens(encoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised images -> the mean of the encoder's normalised patch tokens ``[B, D]`` (fp32)."""
+    return lambda x: encoder.forward_features(x)[:, 1:].float().mean(dim=1)
+
+
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, k: int = 20,
                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
     """Class scores ``[Nq, C]`` of the weighted k-NN vote (cosine similarity)."""
     num_classes = num_classes or int(bank_labels.max()) + 1
     k = min(k, len(bank))
     bank = F.normalize(bank.float(), dim=1)
+    chunk = max(1, min(chunk, 2**28 // max(len(bank), 1)))  # similarity blocks of at most 1 GiB
     scores = []
     for start in range(0, len(queries), chunk):
         q = F.normalize(queries[start: start + chunk].float(), dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # [q, k]
-        votes = torch.zeros(len(q), num_classes)
+        votes = torch.zeros(len(q), num_classes, device=bank.device)
         votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)

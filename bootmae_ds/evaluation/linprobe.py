@@ -1,78 +1,101 @@
-"""Linear probing of a frozen encoder: mean-pooled tokens of one block, BatchNorm without affine
-parameters, a linear head, SGD with momentum (lr = base_lr x batch / 256, cosine), top-1.
+"""The linear probe's recipe as functions: the official lr schedule, scores, and the head trained
+on cached features (the fast small-data option of ``launchers/linprobe.py``).
 
-The encoder is frozen and the probe sees each image once per epoch without augmentation, so the
-features are extracted once and the head trains on them: seconds instead of a pass through the
-encoder every epoch. (The official probe re-augments every epoch; this is the cheap yardstick.)
+The official protocol (MAE's ``main_linprobe.py`` as BootMAE's ``scripts/linear/*.sh`` run it)
+re-augments every image at every step through the frozen encoder; ``bootmae_ds.linprobe`` does
+that. ``train_on_features`` instead trains the same head (:class:`bootmae_ds.models.ProbeHead`)
+with the same LARS, batch, epochs and schedule on features extracted once from centre crops:
+seconds instead of an encoder pass per step, no augmentation, features of the whole training set
+in memory. Its numbers are a yardstick, not the protocol's.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from ..data.labelled import LabelledImages
-from .knn import extract_features
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """The probe's recipe; defaults follow the official linear probing (blr 0.1, no decay)."""
-
-    block: int | None = None  # 1-based block whose output is pooled; None = last (+ final norm)
-    epochs: int = 90
-    batch_size: int = 1024
-    base_lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seed: int = 0
+from ..models.classifier import ProbeHead
+from .lars import LARS
 
 
-def train_probe(train: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
-                settings: ProbeSettings) -> nn.Module:
-    """BatchNorm1d(affine=False) + Linear trained with SGD on fixed features."""
-    g = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
-    head = nn.Sequential(nn.BatchNorm1d(train.shape[1], affine=False, eps=1e-6), nn.Linear(train.shape[1], num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    batch = min(settings.batch_size, len(train))
-    lr = settings.base_lr * batch / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    steps_per_epoch = max(1, len(train) // batch)
-    total = settings.epochs * steps_per_epoch
-    loss_fn = nn.CrossEntropyLoss()
-    head.train()
-    for step in range(total):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(train), generator=g)
-        idx = order[(step % steps_per_epoch) * batch: (step % steps_per_epoch + 1) * batch]
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-        loss = loss_fn(head(train[idx]), train_labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return head.eval()
+def probe_lr(step: int, steps_per_epoch: int, peak: float, min_lr: float, warmup_epochs: float,
+             epochs: int) -> float:
+    """The lr of optimizer step ``step`` (0-based): MAE's per-iteration schedule
+    (``lr_sched.adjust_learning_rate`` at epoch ``step / steps_per_epoch``): linear from 0 to
+    ``peak`` over ``warmup_epochs``, then a half cosine to ``min_lr`` at ``epochs``."""
+    epoch = step / steps_per_epoch
+    if epoch < warmup_epochs:
+        return peak * epoch / warmup_epochs
+    t = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[top-1 hits, top-5 hits, cross-entropy sum, count]`` (float64) of a batch of logits."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), F.cross_entropy(logits.float(), labels, reduction="sum"),
+                        torch.tensor(len(labels), device=logits.device)]).double()
+
+
+def scores(sums: torch.Tensor) -> dict[str, float]:
+    """Top-1 / top-5 (%), mean loss and image count from summed :func:`hits`."""
+    n = max(sums[3].item(), 1.0)
+    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
+            "images": int(sums[3].item())}
 
 
 @torch.no_grad()
-def probe_accuracy(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    logits = head(features)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(dim=1).float().mean().item()}
+def evaluate_head(head: ProbeHead, features: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+    """Scores of ``head`` (eval mode: BatchNorm running statistics) on fixed features."""
+    was_training = head.training
+    head.eval()
+    sums = sum(hits(head(features[i: i + chunk]), labels[i: i + chunk]) for i in range(0, len(labels), chunk))
+    head.train(was_training)
+    return scores(sums)
 
 
-def linear_probe(encoder: torch.nn.Module, train: LabelledImages, val: LabelledImages, mean: tuple[float, ...],
-                 std: tuple[float, ...], settings: ProbeSettings = ProbeSettings()) -> dict[str, float]:
-    """Train the probe on ``train`` and return its top-1/top-5 (%) on ``val``."""
-    f_train = extract_features(encoder, train.images, mean, std, block=settings.block)
-    f_val = extract_features(encoder, val.images, mean, std, block=settings.block)
-    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
-    head = train_probe(f_train, train.labels, num_classes, settings)
-    return {**probe_accuracy(head, f_val, val.labels),
-            "train_top1": probe_accuracy(head, f_train, train.labels)["top1"]}
+def train_on_features(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int,
+                      warmup_epochs: float, global_batch: int, micro_batch: int, base_lr: float,
+                      lr_batch_divisor: int = 256, min_lr: float = 0.0, weight_decay: float = 0.0,
+                      momentum: float = 0.9, trust_coefficient: float = 0.001, init_std: float = 0.01,
+                      seed: int = 0, on_epoch: Callable[[int, ProbeHead, float, float], None] | None = None
+                      ) -> ProbeHead:
+    """A :class:`ProbeHead` trained on fixed ``features`` ``[N, D]`` as the official probe trains
+    its head: LARS, ``lr = base_lr x batch / lr_batch_divisor``, warm-up + cosine per step, batches
+    of ``global_batch`` (capped at N; the last partial one dropped) split into ``micro_batch``
+    chunks whose BatchNorm statistics are their own (the official per-GPU batches), gradients
+    accumulated. ``on_epoch(epoch, head, mean loss, lr)`` runs after every epoch."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    device = features.device
+    head = ProbeHead(features.shape[1], num_classes, init_std).to(device)
+    batch = min(global_batch, len(features))
+    micro = min(micro_batch, batch)
+    steps_per_epoch = max(len(features) // batch, 1)
+    peak = base_lr * batch / lr_batch_divisor
+    opt = LARS(head.parameters(), lr=0.0, weight_decay=weight_decay, momentum=momentum,
+               trust_coefficient=trust_coefficient)
+    head.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(features), generator=g).to(device)
+        loss_sum, lr = 0.0, 0.0
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            lr = probe_lr(step, steps_per_epoch, peak, min_lr, warmup_epochs, epochs)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = order[i * batch: (i + 1) * batch]
+            chunks = idx.tensor_split(-(-batch // micro))  # near-equal chunks: none of a single image
+            opt.zero_grad(set_to_none=True)
+            for c in chunks:
+                loss = F.cross_entropy(head(features[c]), labels[c]) / len(chunks)
+                loss.backward()
+                loss_sum += loss.item()
+            opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch, head, loss_sum / steps_per_epoch, lr)
+    return head.eval()

@@ -1,5 +1,6 @@
 """The fine-tuning classifier of a config: the ``init`` encoder at the fine-tuning resolution
-with stochastic depth, and a fresh head (``bootmae_ds.models.classifier``)."""
+with stochastic depth, its position embedding frozen unless ``model.train_pos_embed``, a fresh
+``fc_norm`` (or the encoder's final norm) and a fresh head (``bootmae_ds.models.classifier``)."""
 
 from __future__ import annotations
 
@@ -20,4 +21,5 @@ def build_classifier(cfg: FinetuneConfig) -> tuple[ViTClassifier, BootMAEConfig,
     encoder = resized_encoder(encoder.float(), pre.model, size, cfg.model.drop_path)
     encoder.pos_embed.requires_grad_(cfg.model.train_pos_embed)
     torch.manual_seed(cfg.run.seed)
-    return ViTClassifier(encoder, cfg.model.num_classes, cfg.model.head_init_scale), pre, provenance
+    model = ViTClassifier(encoder, cfg.model.num_classes, cfg.model.head_init_scale, cfg.model.fc_norm)
+    return model, pre, provenance

@@ -3,6 +3,11 @@
 
 ``which`` picks the online encoder (ZeRO's fp32 master weights) or the momentum encoder (its
 fp32 EMA shards, never the bf16 copy the target forward uses; ``model_ema`` of an official file).
+
+Position tables are frozen, so ZeRO keeps no fp32 master of them: a run's tables are the fixed
+sin-cos ones of its config, recomputed, unless the run started from other weights
+(``init.source``): then the tables it started with (an MAE table orders its halves column first,
+a timm table may be learned) are in ``RUN/init_frozen.safetensors`` and are used instead.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 from ..config import BootMAEConfig, ConfigError, InputError, load_config
 from ..config.common import InitConfig
-from ..models import VisionTransformerEncoder, build_model
+from ..models import VisionTransformerEncoder, build_model, sincos_2d
 from ..runtime.checkpoint import (
     LATEST,
     MANIFEST,
@@ -30,6 +35,8 @@ from ..runtime.sharded_ema import consolidate_shards
 from . import official
 
 WHICH = ("online", "momentum")
+INIT_FROZEN = "init_frozen.safetensors"  # a run's frozen tensors when it started from other weights
+INIT_RECORD = "init.json"  # where those weights came from
 
 
 class ExportError(InputError, RuntimeError):
@@ -44,16 +51,39 @@ class EncoderExport:
     cfg: BootMAEConfig
     provenance: dict[str, Any]
     head: torch.nn.Linear | None = None  # a fine-tuned classifier's head, exported as timm's ``head``
+    fc_norm: torch.nn.LayerNorm | None = None  # a classifier's own fc_norm; None: the encoder's final norm
 
 
-def load_encoder(cfg: BootMAEConfig, state: dict[str, torch.Tensor], what: str) -> VisionTransformerEncoder:
-    """A fresh encoder holding ``state`` in fp32; ``pos_embed`` is the fixed sin-cos table."""
+def frozen_tables(run_dir: Path, cfg: BootMAEConfig) -> dict[str, torch.Tensor]:
+    """A run's frozen position tables (BootMAE names, fp32): those it started with when it has
+    ``RUN/init_frozen.safetensors``, else the sin-cos tables of its config."""
+    path = run_dir / INIT_FROZEN
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own types
+            raise ExportError(f"{path}: unreadable ({type(err).__name__}: {err}); it holds the position "
+                              f"tables this run started with, restore it from a backup") from None
+    m = cfg.model
+    out = {"encoder.pos_embed": sincos_2d(m.grid_size, m.embed_dim),
+           "pixel_decoder.pos_embed": sincos_2d(m.grid_size, m.pixel_decoder.dim or m.embed_dim)}
+    if m.feature_decoder.enabled:
+        out["feature_decoder.pos_embed"] = sincos_2d(m.grid_size, m.feature_decoder.dim or m.embed_dim)
+    return out
+
+
+def load_encoder(cfg: BootMAEConfig, state: dict[str, torch.Tensor], what: str,
+                 pos_embed: torch.Tensor | None = None) -> VisionTransformerEncoder:
+    """A fresh encoder holding ``state`` in fp32; ``pos_embed`` is the given table (a run's, see
+    :func:`frozen_tables`) or else the fixed sin-cos table of ``cfg``."""
     m = cfg.model
     encoder = VisionTransformerEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth,
                                        m.num_heads, m.mlp_ratio, m.qkv_bias, 0.0, m.norm_eps).eval()
-    # pos_embed is frozen, so ZeRO keeps no fp32 master of it (bf16 in bf16 runs): recompute it.
-    full = {**{k: v.float() for k, v in state.items() if k != "pos_embed"},
-            "pos_embed": encoder.pos_embed.detach().clone()}
+    # pos_embed is frozen, so ZeRO keeps no fp32 master of it (bf16 in bf16 runs): never from state
+    table = encoder.pos_embed.detach().clone() if pos_embed is None else pos_embed.float().clone()
+    full = {**{k: v.float() for k, v in state.items() if k != "pos_embed"}, "pos_embed": table}
     expected = encoder.state_dict()
     missing, extra = sorted(set(expected) - set(full)), sorted(set(full) - set(expected))
     shapes = [k for k in expected if k in full and full[k].shape != expected[k].shape]
@@ -107,10 +137,18 @@ def _run_config(run_dir: Path, manifest: dict[str, Any]) -> BootMAEConfig:
         cfg = load_config(path)
     except ConfigError as err:
         raise ExportError(f"{path}: {err}") from None
-    if cfg.model.model_dump(mode="json") != manifest["config"].get("model"):
+    saved, now = _flat(manifest["config"].get("model") or {}), _flat(cfg.model.model_dump(mode="json"))
+    if any(now.get(k) != v for k, v in saved.items()):  # fields the checkpoint predates are not compared
         raise ExportError(f"{path}: its model section differs from the one saved in the checkpoint's "
                           f"{MANIFEST}; restore the run's original config.yaml")
     return cfg
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def _torch_load(path: Path) -> Any:
@@ -155,10 +193,43 @@ def from_run(run: Path, tag: str | None = None, which: str = "online") -> Encode
     run_dir = tag_dir.parent.parent
     cfg = _run_config(run_dir, manifest)
     state = online_state(tag_dir) if which == "online" else momentum_state(tag_dir, manifest["world_size"])
-    encoder = load_encoder(cfg, state, f"{tag_dir} ({which} encoder)")
+    table = frozen_tables(run_dir, cfg)["encoder.pos_embed"]
+    encoder = load_encoder(cfg, state, f"{tag_dir} ({which} encoder)", table)
     return EncoderExport(encoder, cfg, {
         "source": "run", "run_dir": str(run_dir.resolve()), "tag": tag_dir.name, "step": manifest["step"],
-        "world_size": manifest["world_size"], "fingerprint": cfg.fingerprint(), "which": which})
+        "world_size": manifest["world_size"], "fingerprint": cfg.fingerprint(), "which": which,
+        **init_provenance(cfg)})
+
+
+def init_provenance(cfg: BootMAEConfig) -> dict[str, Any]:
+    """``{"started_from": ...}``: the weights a run started from (its config's resolved ``init``),
+    or nothing for a run that started from a random initialisation."""
+    init = getattr(cfg, "init", None)
+    if init is None or init.source == "random":
+        return {}
+    return {"started_from": init.model_dump(mode="json")}
+
+
+def run_model_state(tag_dir: Path, cfg: BootMAEConfig) -> dict[str, torch.Tensor]:
+    """The whole online model of a run's checkpoint in fp32, BootMAE names: ZeRO's fp32 masters of
+    every trained parameter (encoder and decoders) and the run's frozen tables."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                            exclude_frozen_parameters=True)
+    except Exception as err:  # noqa: BLE001 - DeepSpeed raises many types; name the directory
+        raise ExportError(f"{tag_dir}: DeepSpeed could not consolidate it ({type(err).__name__}: {err}); "
+                          f"pick another --tag") from None
+    return {k: v.float() for k, v in full.items()} | frozen_tables(tag_dir.parent.parent, cfg)
+
+
+def open_run(run: Path, tag: str | None) -> tuple[Path, dict[str, Any], BootMAEConfig]:
+    """(checkpoint directory, its manifest, the run's config) of ``run`` at ``tag`` (latest: None)."""
+    tag_dir = resolve_tag_dir(Path(run), tag)
+    manifest = read_manifest(tag_dir)
+    return tag_dir, manifest, _run_config(tag_dir.parent.parent, manifest)
 
 
 def from_official(path: Path, arch: str = "base", which: str = "online") -> EncoderExport:

@@ -28,15 +28,21 @@ WEIGHTS, CONFIG, README = "model.safetensors", "config.json", "README.md"
 TIMM_LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon; config.json cannot carry another one
 
 
-def to_timm_state_dict(encoder: VisionTransformerEncoder,
-                       head: torch.nn.Linear | None = None) -> dict[str, torch.Tensor]:
+def to_timm_state_dict(encoder: VisionTransformerEncoder, head: torch.nn.Linear | None = None,
+                       fc_norm: torch.nn.LayerNorm | None = None) -> dict[str, torch.Tensor]:
     """Our encoder's (and a classifier head's) weights in timm's
-    ``VisionTransformer(global_pool="avg", fc_norm=True)`` keys."""
+    ``VisionTransformer(global_pool="avg", fc_norm=True)`` keys. ``fc_norm``: a classifier's own
+    pooled-feature norm, written instead of the encoder's final norm."""
     out: dict[str, torch.Tensor] = {}
     if head is not None:
         out["head.weight"] = head.weight.detach().float().contiguous().clone()
         out["head.bias"] = head.bias.detach().float().contiguous().clone()
+    if fc_norm is not None:
+        out["fc_norm.weight"] = fc_norm.weight.detach().float().contiguous().clone()
+        out["fc_norm.bias"] = fc_norm.bias.detach().float().contiguous().clone()
     state = encoder.state_dict()
+    if fc_norm is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     for key, value in state.items():
         if key.endswith(".attn.q_bias"):
             v_bias = state[key.replace("q_bias", "v_bias")]
@@ -111,15 +117,19 @@ def readme_text(exp: EncoderExport, config: dict[str, Any]) -> str:
     p, pre = exp.provenance, config["pretrained_cfg"]
     if p["source"] == "run":
         origin = f"run `{p['run_dir']}`, checkpoint `{p['tag']}` (step {p['step']}, {p['world_size']} rank(s))"
-    elif p["source"] == "finetune":
-        origin = (f"fine-tuning run `{p['run_dir']}`, epoch {p['epoch']} (step {p['step']}): top-1 "
+    elif p["source"] in ("finetune", "linprobe"):
+        job = "fine-tuning" if p["source"] == "finetune" else f"linear-probing (first {p['depth']} blocks)"
+        origin = (f"{job} run `{p['run_dir']}`, epoch {p['epoch']} (step {p['step']}): top-1 "
                   f"{p['top1']:.2f}% on `{p['val']}`; encoder from {p['init']}")
     else:
         origin = f"official `{p['file']}` (arch {p['arch']}, epoch {p['epoch']})"
-    what = f"{p['num_classes']}-class classifier" if p["source"] == "finetune" else "encoder"
+    what = f"{p['num_classes']}-class classifier" if p["source"] in ("finetune", "linprobe") else "encoder"
     args = ", ".join(f"{k}={v!r}" for k, v in config["model_args"].items())
+    init = p.get("started_from")  # a run that started from other weights (init.source)
+    started = (f"- pre-training started from: `{init['source']}` ({init['kind']}, sha256 `{init['sha256']}`, "
+               f"parts {', '.join(init['loaded'] or [])})\n") if init else ""
     return (
-        f"# BootMAE {p['which']} {what} (fp32)\n\n- source: {origin}\n- weights: {p['which']}\n"
+        f"# BootMAE {p['which']} {what} (fp32)\n\n- source: {origin}\n- weights: {p['which']}\n{started}"
         f"- config fingerprint: `{p['fingerprint']}`\n- exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f"\n\ntimm `{config['architecture']}` with {args}; inputs normalised with mean {pre['mean']}, std "
         f"{pre['std']}. DIR is this directory.\n\n```python\nimport timm\n"
@@ -146,7 +156,7 @@ def write_export(exp: EncoderExport, out: Path, force: bool = False) -> Path:
 
     out = Path(out)
     check_out_dir(out, force)
-    state = to_timm_state_dict(exp.encoder, exp.head)
+    state = to_timm_state_dict(exp.encoder, exp.head, exp.fc_norm)
     config = timm_config(exp)
     stage = out.parent / f".{out.name}.export-{os.getpid()}"
     try:

@@ -2,7 +2,7 @@
 fine-tuning and probing put on the encoder."""
 
 from .bootmae import BootMAE, BootMAEOutput, build_model, mask_to_ids
-from .classifier import ViTClassifier, resized_encoder
+from .classifier import ProbeHead, ViTClassifier, first_blocks, resized_encoder
 from .decoder import Decoder, PatchPixelHead
 from .layers import Attention, Block, CrossAttention, DecoderBlock
 from .pos_embed import sincos_2d
@@ -10,6 +10,6 @@ from .vit import EncoderOutput, VisionTransformerEncoder
 
 __all__ = [
     "Attention", "Block", "BootMAE", "BootMAEOutput", "CrossAttention", "Decoder", "DecoderBlock",
-    "EncoderOutput", "PatchPixelHead", "ViTClassifier", "VisionTransformerEncoder", "build_model",
-    "mask_to_ids", "resized_encoder", "sincos_2d",
+    "EncoderOutput", "PatchPixelHead", "ProbeHead", "ViTClassifier", "VisionTransformerEncoder", "build_model",
+    "first_blocks", "mask_to_ids", "resized_encoder", "sincos_2d",
 ]

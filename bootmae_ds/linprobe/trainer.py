@@ -1,0 +1,287 @@
+"""The official linear probe as a distributed run: build, resume, loop, evaluate, log, checkpoint,
+keep the best (the fine-tuning trainer's structure, on the same run machinery).
+
+- The frozen part (the encoder's first ``model.depth`` blocks, mean pooling, the affine-free
+  LayerNorm) runs on every rank under ``no_grad``, in bf16 on GPUs (``run.precision``), outside
+  the optimizer. Only :class:`ProbeHead` (BatchNorm without affine + linear) is in the DeepSpeed
+  engine, data-parallel without ZeRO (stage 0, fp32): LARS needs each whole weight's norm, which
+  ZeRO's flat partitions would split. Gradients are averaged over ranks and the accumulation
+  window, as DDP + ``accum_iter`` average them in the official run.
+- BatchNorm normalises each micro-batch with its own statistics (per GPU, as DDP without
+  SyncBN). The running statistics follow rank 0's micro-batches only, which is what DDP's
+  ``broadcast_buffers`` gives the official run: rank 0's buffers are broadcast before every
+  forward. Evaluation uses them on every rank.
+- Every step re-augments its images (``ProbeTransform``) in the streaming loader: memory does not
+  depend on the training set's size. The lr follows MAE's per-step schedule (``probe_lr``).
+- Each held-out image is scored on exactly one rank (``eval_batches``); ``RUN/best`` holds the
+  best probe as a timm classifier (the encoder's first ``depth`` blocks, ``fc_norm`` with weight 1
+  and bias 0, and the head with the BatchNorm statistics folded in).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import LinprobeConfig
+from ..data import build_train_loader
+from ..data.labelled import eval_batches, open_eval_source
+from ..evaluation.features import Normalise
+from ..evaluation.lars import LARS
+from ..evaluation.linprobe import hits, probe_lr, scores
+from ..models.classifier import ProbeHead, ViTClassifier
+from ..runtime import checkpoint as ckpt
+from ..runtime.dist import DistInfo, init_distributed
+from ..runtime.ds_config import build_ds_config, resolve_precision
+from ..runtime.metrics import MetricsLogger
+from ..runtime.prefetch import DevicePrefetcher
+from ..runtime.recovery import SpikeDetector, watch
+from ..runtime.run import (
+    DTYPES,
+    Preemption,
+    RunState,
+    announce,
+    checkpoint_dir,
+    resume_fingerprint,
+    run_and_close,
+    save_run_files,
+    start_engine,
+    stop_status,
+)
+from .data import ProbeTransform
+from .model import BEST, build_probe, check_labels, write_best
+
+
+@dataclass
+class ProbeState(RunState):
+    """The run state plus the best evaluation so far."""
+
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+    # RUN/best may already hold a later, better probe than the checkpoint a rewind goes back to
+    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_top1", "best_epoch")
+
+
+def head_ds_config(cfg: LinprobeConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON for the head: the run's batch sizes, fp32, plain data parallelism."""
+    ds = build_ds_config(cfg, world_size, "fp32")
+    ds["zero_optimization"] = {"stage": 0}  # LARS needs whole tensors; the head is small anyway
+    return ds
+
+
+class LinprobeTrainer:
+    """Holds the frozen probe, the head's engine, the loaders and the run state."""
+
+    def __init__(self, cfg: LinprobeConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.info: DistInfo = init_distributed()
+        self.device = self.info.device
+        announce(cfg.run.name, self.info)
+        probe, pre, self.provenance = build_probe(cfg)
+        self.pre, self.depth = pre, len(probe.encoder.blocks)
+        self._resolve_from_pretraining(pre)
+        self.dtype = DTYPES[resolve_precision(cfg, self.info.accelerator)]  # of the frozen encoder
+        self.ds_config = head_ds_config(cfg, self.info.world_size)
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
+        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
+        # fp32 CPU copy of the frozen part for RUN/best (the device copy may be bf16)
+        self.export_probe = copy.deepcopy(probe) if self.info.is_main else None
+        probe.encoder.to(self.device, self.dtype).eval()
+        probe.fc_norm.to(self.device).eval()  # fp32: the features the head sees
+        self.probe: ViTClassifier = probe
+        head: ProbeHead = probe.head  # type: ignore[assignment]
+        optimizer = LARS(head.parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
+                         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
+        self.engine, resumed = start_engine(head, optimizer, self.ds_config, self.ckpt_dir, resume,
+                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        self.state = ProbeState()
+        if resumed is not None:
+            self.state = ProbeState(**resumed.load(self.engine, None))
+            if self.info.is_main:
+                print(f"resumed from {resumed.describe()}", flush=True)
+        resized = resumed is not None and resumed.resized
+        d = cfg.data
+        transform = ProbeTransform(cfg.model.img_size, cfg.run.seed, d.crop_scale, d.crop_ratio,  # type: ignore[arg-type]
+                                   d.interpolation, d.hflip)
+        self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,  # type: ignore[arg-type]
+                                         state=None if resized else self.state.data, transform=transform)
+        if resized and self.state.data:
+            self.loader.start_at_next_epoch(self.state.data)
+        self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
+        total = cfg.schedule.epochs * self.steps_per_epoch
+        self.total_steps = min(total, max_steps or total)
+        self.peak_lr = cfg.optim.base_lr * d.global_batch_size / cfg.optim.lr_batch_divisor
+        self.normalise = Normalise(d.mean, d.std, self.device, self.dtype)  # type: ignore[arg-type]
+        self.val_source = open_eval_source(d.val, cfg)  # type: ignore[arg-type]
+        self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
+        self.batches = DevicePrefetcher(self.loader, self.device, keys=("images", "labels"))
+        self.last_batch: dict[str, Any] = {}
+        self.spikes = SpikeDetector(cfg.optim.spike_factor, cfg.optim.spike_window)
+        self.spikes.load_state_dict(self.state.recent_losses)
+        self.preemption = Preemption()
+
+    # -- build ------------------------------------------------------------------------------
+    def _resolve_from_pretraining(self, pre) -> None:
+        """Fill what the config leaves to the pre-training run: resolution, mean and std."""
+        if self.cfg.model.img_size is None:
+            self.cfg.model.img_size = pre.model.img_size
+        if self.cfg.data.mean is None:
+            self.cfg.data.mean = pre.data.mean
+        if self.cfg.data.std is None:
+            self.cfg.data.std = pre.data.std
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The parts of the config a checkpoint must agree with to be resumed."""
+        d = self.cfg.data.model_dump(mode="json")
+        augment = {k: d[k] for k in ("crop_scale", "crop_ratio", "interpolation", "hflip", "mean", "std")}
+        return resume_fingerprint(self.cfg, ("mode", "init", "model", "optim", "schedule")) | {"augment": augment}
+
+    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Restore the head, LARS and RNG from a checkpoint (a rewind); the saved run state."""
+        return ckpt.load_checkpoint(self.engine, None, tag_dir, manifest)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
+        loss_sum, micro = None, 0
+        head: ProbeHead = self.engine.module
+        optimizer: LARS = self.engine.optimizer
+        step_start = time.perf_counter()
+        while self.state.step < self.total_steps:
+            for batch in self.batches:
+                self.last_batch = batch
+                step = self.state.step
+                lr = probe_lr(step, self.steps_per_epoch, self.peak_lr, self.cfg.optim.min_lr,
+                              self.cfg.schedule.warmup_epochs, self.cfg.schedule.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                labels = batch["labels"]
+                check_labels(labels, self.cfg.model.num_classes, batch["keys"])
+                with torch.no_grad():
+                    features = self.probe.forward_pooled(self.normalise(batch["images"])).float()  # [B, D]
+                sync_running_stats(head)
+                loss = F.cross_entropy(self.engine(features), labels)
+                self.engine.backward(loss)
+                loss_sum, micro = (loss.detach() if loss_sum is None else loss_sum + loss.detach()), micro + 1
+                self.batches.prefetch()
+                before = self.engine.global_steps
+                self.engine.step()
+                if self.engine.global_steps == before:
+                    continue
+                applied = not optimizer.last_step_skipped
+                self.state.step += 1
+                self.state.samples += self.cfg.data.global_batch_size
+                self.state.data = self.loader.position_after(batch)
+                self.state.skipped_in_row = 0 if applied else self.state.skipped_in_row + 1
+                self.state.skipped_total += 0 if applied else 1
+                wait, self.batches.wait_s = self.batches.wait_s, 0.0
+                row = self._train_row(loss_sum / micro, lr, step, time.perf_counter() - step_start, wait)
+                evaluated = self._maybe_evaluate(row)
+                self.metrics.log(self.state.step, row)
+                loss_sum, micro, step_start = None, 0, time.perf_counter()
+                status = self._after_step(evaluated)
+                if status is not None:
+                    return status
+                if self.state.step >= self.total_steps:
+                    break
+        self._save()
+        self.metrics.close()
+        return 0
+
+    def _train_row(self, loss: torch.Tensor, lr: float, step: int, elapsed: float, wait: float) -> dict[str, Any]:
+        t = loss.float().reshape(1)
+        dist.all_reduce(t)
+        rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
+        row = {"epoch": step // self.steps_per_epoch, "loss": t.item() / self.info.world_size, "lr": lr,
+               "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
+               "samples_per_s": rate, "samples_per_s_per_device": rate / self.info.world_size,
+               "step_time_s": elapsed, "data_wait_s": wait}
+        if self.device.type == "cuda":
+            row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
+        return row
+
+    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
+        """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""
+        step, per_epoch = self.state.step, self.steps_per_epoch
+        epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.eval.every_epochs == 0
+        if not (epoch_end or step == self.total_steps):
+            return False
+        s = self.evaluate()
+        row.update({"eval_top1": s["top1"], "eval_top5": s["top5"], "eval_loss": s["loss"], "eval_images": s["images"]})
+        if self.info.is_main:
+            print(f"eval after step {step} (epoch {step / per_epoch:.2f}): top-1 {s['top1']:.2f}% "
+                  f"top-5 {s['top5']:.2f}% on {s['images']} images", flush=True)
+        if s["top1"] > self.state.best_top1:
+            self.state.best_top1, self.state.best_epoch = s["top1"], -(-step // per_epoch)
+            self._write_best(s)
+        row["best_top1"] = self.state.best_top1
+        return True
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 / top-5 (%), mean loss and count over the held-out set, each image on one rank."""
+        head: ProbeHead = self.engine.module
+        head.eval()
+        sync_running_stats(head)
+        d = self.cfg.data
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for batch in eval_batches(self.val_source, self.cfg.model.img_size, d.eval_crop_pct, self.info.rank,  # type: ignore[arg-type]
+                                  self.info.world_size, d.eval_batch_size, d.val_limit, min(d.num_workers, 4)):
+            labels = batch["labels"].to(self.device)
+            check_labels(labels, self.cfg.model.num_classes, None)
+            features = self.probe.forward_pooled(self.normalise(batch["images"])).float()
+            sums += hits(head(features), labels)
+        dist.all_reduce(sums)
+        head.train()
+        return scores(sums)
+
+    def _write_best(self, s: dict[str, float]) -> None:
+        """The probe as a timm classifier in ``RUN/best`` (rank 0; the head is the same on every rank)."""
+        if self.info.is_main:
+            c = self.cfg
+            provenance = {"source": "linprobe", "run_dir": str(self.run_dir.resolve()), "step": self.state.step,
+                          "epoch": self.state.best_epoch, "top1": s["top1"], "top5": s["top5"], "val": c.data.val,
+                          "which": c.init.which, "num_classes": c.model.num_classes, "mode": c.mode,
+                          "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init",
+                          "fingerprint": self.pre.fingerprint()}
+            write_best(self.run_dir / BEST, self.export_probe, self.engine.module, self.pre, c, provenance)
+
+    def _after_step(self, evaluated: bool) -> int | None:
+        status = stop_status(self)
+        step = self.state.step
+        if status is None and (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
+            self._save()
+        return status
+
+    def _save(self) -> None:
+        if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
+            return
+        self.state.recent_losses = self.spikes.state_dict()
+        ckpt.save_checkpoint(self.engine, None, self.ckpt_dir, self.state.step, self.state.as_dict(),
+                             self._fingerprint(), self.cfg.checkpoint.keep_last)
+
+
+def sync_running_stats(head: ProbeHead) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (DDP's ``broadcast_buffers``)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in head.bn.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def linprobe(cfg: LinprobeConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:
+    """Probe with ``cfg`` into ``run_dir``; returns the process exit status."""
+    if cfg.mode == "cached_features":
+        from .cached import cached_probe
+
+        return cached_probe(cfg, run_dir)
+    return run_and_close(lambda: LinprobeTrainer(cfg, run_dir, max_steps, resume))
