@@ -1,6 +1,8 @@
 """Training-step throughput of our BootMAE against a reference-style step, side by side.
 
     python bench/step.py --size base --batch 8 --dtype fp32 [--steps 3] [--device cpu|cuda] [--compile]
+    python bench/step.py --device cuda --dtype bf16 --batch 256 --only ours,compiled,reference,mae \
+        --fractions 0.25 --json step.json          # what bench/device/run.sh measures
 
 One process, no DeepSpeed (the step itself: forward, losses, backward, AdamW, EMA):
 - ours: fused qkv + scaled_dot_product_attention, encoder on visible tokens, momentum copy of
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import sys
 import time
@@ -74,11 +77,12 @@ def timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def our_step(cfg, batch: int, device, dtype, fraction: float = 1.0, compile: bool = False):
+def our_step(cfg, batch: int, device, dtype, fraction: float = 1.0, compile: bool = False,
+             backend: str = "inductor"):
     """A closure running one BootMAE training step of our implementation."""
     model = build_model(cfg).to(device, dtype).train()
     if compile:
-        model.compile()  # what run.compile=true does in the trainer
+        model.compile(backend=backend)  # what run.compile=true does in the trainer (with inductor)
     teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval() if model.feature_decoder else None
     opt = torch.optim.AdamW(param_groups(model), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     masks = MaskGenerator.from_config(cfg).batch(batch, 0).to(device)
@@ -159,58 +163,90 @@ def reference_step(cfg, batch: int, device, dtype):
     return step
 
 
-def main() -> None:
+PARTS = ("ours", "compiled", "reference", "mae", "fractions")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base", choices=["tiny", "small", "base", "large", "huge"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every step timed (e.g. a small image for smoke runs)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
-    a = parser.parse_args()
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend ('eager' checks the tracing only, in seconds: smoke runs)")
+    parser.add_argument("--only", default=None, help=f"comma list of parts to time, of {','.join(PARTS)}")
+    parser.add_argument("--fractions", default="0.25,0.5,0.75", help="momentum-input fractions to time")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring one")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    a = parser.parse_args(argv)
+    parts = set(a.only.split(",")) if a.only else {p for p in PARTS if p != "compiled" or a.compile}
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     torch.manual_seed(0)
-    base = load_config("vit_base_800ep", [f"model.size={a.size}"])
-    mae = load_config("mae_base_800ep", [f"model.size={a.size}"])
-    peak = matmul_peak(device, dtype)
+    size = [f"model.size={a.size}", *a.set]
+    base = load_config("vit_base_800ep", size)
+    mae = load_config("mae_base_800ep", size)
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else matmul_peak(device, dtype)
     print(f"{a.size}, batch {a.batch}, {a.dtype} on {device}: matmul peak {peak / 1e9:.0f} GFLOP/s")
-    rows = []
+    result: dict = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "device": str(device),
+                    "matmul_peak_tflops": peak / 1e12, "steps": {}}
 
     def report(name: str, seconds: float, flops: float) -> float:
         rate = a.batch / seconds
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
-        rows.append(name)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         print(f"  {name:34s} {seconds:7.3f} s/step {rate:8.1f} img/s  {flops / 1e9:7.1f} GFLOP/img  "
-              f"{rate * flops / 1e9:7.1f} GFLOP/s = {100 * rate * flops / peak:5.1f}% of peak  mem {mem}")
+              f"{rate * flops / 1e9:7.1f} GFLOP/s = {100 * rate * flops / peak:5.1f}% of peak  "
+              f"mem {'n/a' if mem is None else f'{mem:.1f} GiB'}")
+        result["steps"][name] = {"s_per_step": seconds, "img_per_s": rate, "gflop_per_img": flops / 1e9,
+                                 "mfu": rate * flops / peak, "peak_memory_gib": mem}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return seconds
 
-    step, model = our_step(base, a.batch, device, dtype)
-    flops = training_flops_per_image(flops_per_image(model, base))
-    t_ours = report("ours, BootMAE", timed(step, a.steps, device), flops)
-    del step, model
-    if a.compile:
-        step, model = our_step(base, a.batch, device, dtype, compile=True)
-        step()  # compilation happens in the first call, outside the timing
-        t_compiled = report("ours, BootMAE, torch.compile", timed(step, a.steps, device), flops)
-        print(f"torch.compile vs eager: {t_ours / t_compiled:.2f}x")
+    def run_ours(name: str, cfg, fraction: float = 1.0, compile: bool = False) -> float:
+        step, model = our_step(cfg, a.batch, device, dtype, fraction, compile=compile, backend=a.compile_backend)
+        if compile:
+            step()  # compilation happens in the first call, outside the timing
+        flops = training_flops_per_image(flops_per_image(model, cfg))
+        seconds = report(name, timed(step, a.steps, device), flops)
         del step, model
-    t_ref = report("reference-style, BootMAE", timed(reference_step(base, a.batch, device, dtype), a.steps, device), flops)
-    step, mae_model = our_step(mae, a.batch, device, dtype)
-    t_mae = report("ours, MAE (8-block decoder)", timed(step, a.steps, device),
-                   training_flops_per_image(flops_per_image(mae_model, mae)))
-    del step, mae_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return seconds
+
+    times = {}
+    if "ours" in parts:
+        times["ours"] = run_ours("ours, BootMAE", base)
+    if "compiled" in parts:
+        times["compiled"] = run_ours("ours, BootMAE, torch.compile", base, compile=True)
+    if "reference" in parts:
+        flops = training_flops_per_image(flops_per_image(build_model(base), base))
+        times["reference"] = report("reference-style, BootMAE",
+                                    timed(reference_step(base, a.batch, device, dtype), a.steps, device), flops)
+    if "mae" in parts:
+        times["mae"] = run_ours("ours, MAE (8-block decoder)", mae)
     fractions = {}
-    for fraction in (0.25, 0.5, 0.75):
-        cfg = load_config("vit_base_800ep", [f"model.size={a.size}", f"momentum.input_fraction={fraction}"])
-        step, model = our_step(cfg, a.batch, device, dtype, fraction)
-        fractions[fraction] = report(f"ours, momentum input {int(fraction * 100)}%", timed(step, a.steps, device),
-                                     training_flops_per_image(flops_per_image(model, cfg)))
-        del step, model
-    print(f"speed-up, ours vs reference-style: {t_ref / t_ours:.2f}x")
-    print(f"momentum overhead, BootMAE / MAE step: {t_ours / t_mae:.2f}x (100% input), "
-          + ", ".join(f"{t / t_mae:.2f}x ({int(f * 100)}%)" for f, t in fractions.items()))
+    if "fractions" in parts:
+        for fraction in (float(f) for f in a.fractions.split(",")):
+            cfg = load_config("vit_base_800ep", [*size, f"momentum.input_fraction={fraction}"])
+            fractions[fraction] = run_ours(f"ours, momentum input {round(fraction * 100)}%", cfg, fraction)
+    ratios = {}
+    if "ours" in times and "compiled" in times:
+        ratios["compiled_vs_eager"] = times["ours"] / times["compiled"]
+    if "ours" in times and "reference" in times:
+        ratios["ours_vs_reference"] = times["reference"] / times["ours"]
+    if "ours" in times and "mae" in times:
+        ratios["bootmae_over_mae_step"] = times["ours"] / times["mae"]
+        ratios.update({f"bootmae_{round(f * 100)}pct_over_mae_step": t / times["mae"] for f, t in fractions.items()})
+    for key, value in ratios.items():
+        print(f"{key.replace('_', ' ')}: {value:.2f}x")
+    result["ratios"] = ratios
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

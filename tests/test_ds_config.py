@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from distributed import deepspeed_cmd, run
 
 from bootmae_ds.config import ConfigError, load_config
 from bootmae_ds.runtime.ds_config import build_ds_config, resolve_precision
@@ -36,3 +37,22 @@ def test_world_size_that_does_not_divide_and_broken_template(tmp_path) -> None:
         build_ds_config(load_config("demo"), 1, "fp32", template_dir=tmp_path)
     with pytest.raises(ConfigError, match="zero2_bf16.json.*missing"):
         build_ds_config(load_config("demo"), 1, "bf16", template_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_bf16_gradients_are_reduced_in_fp32(tmp_path) -> None:
+    """DeepSpeed really reduces the bf16 run's gradients in fp32 with our template (its default
+    would be bf16): every tensor its communication layer reduces, recorded on 2 CPU ranks."""
+    seen = {}
+    for mode in ("template", "without"):
+        out = tmp_path / f"{mode}.json"
+        proc = run(deepspeed_cmd("tests/dist_scripts/comm_dtype.py", mode, str(out)), timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        seen[mode] = json.loads(out.read_text())
+    template, without = seen["template"], seen["without"]
+    assert template["engine_dtype"] == "torch.float32" and without["engine_dtype"] == "torch.bfloat16"
+    reduced = lambda s: [d for dtypes in s["seen"].values() for d in dtypes]  # noqa: E731
+    assert "torch.bfloat16" in reduced(without)  # the gradients, without the setting
+    assert "torch.bfloat16" not in reduced(template)
+    assert reduced(template).count("torch.float32") == reduced(without).count("torch.float32") + \
+        reduced(without).count("torch.bfloat16")  # the same reductions, each in fp32

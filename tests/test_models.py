@@ -126,3 +126,26 @@ def test_masks_with_unequal_counts_are_rejected() -> None:
         model(torch.randn(2, 3, 32, 32), mask)
     with pytest.raises(ValueError, match="bool tensor"):
         model(torch.randn(2, 3, 32, 32), mask.long())
+
+
+def test_padded_attention_heads_are_exact(monkeypatch) -> None:
+    """The official 512-wide regressor has 12 heads of 42 dims, which flash attention does not
+    take; on CUDA they are zero-padded to 48 for the kernel. Both paths, forward and backward,
+    agree exactly here, through the official regressor block (self- and cross-attention)."""
+    from bootmae_ds.models import DecoderBlock, layers
+
+    torch.manual_seed(0)
+    block = DecoderBlock(512, 12, context_dim=768)
+    assert block.attn.head_dim == 42 and block.c_attn.head_dim == 42
+    x = torch.randn(2, 50, 512, requires_grad=True)
+    ctx = torch.randn(2, 20, 768)
+    results = []
+    for pad in (False, True):
+        monkeypatch.setattr(layers, "PAD_HEAD_DIM", pad)
+        block.zero_grad()
+        x.grad = None
+        out = block(x, ctx)
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad.clone(), block.attn.qkv.weight.grad.clone()))
+    for plain, padded in zip(*results):
+        assert torch.equal(plain, padded)

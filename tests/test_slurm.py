@@ -74,19 +74,42 @@ def test_finetune_template_runs_on_two_nodes(cluster, tmp_path) -> None:
     assert (run_dir / "best" / "model.safetensors").is_file() and "[sbatch] training finished" in log
 
 
+RESUME_ARGS = ["--config", "demo", "--max-steps", "30", "--set", *TINY,
+               "data.micro_batch_size=32", "data.global_batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    """The metrics of RESUME_ARGS run without interruption by deepspeed on 2 CPU ranks."""
+    ref_dir = tmp_path_factory.mktemp("reference") / "run"
+    ref = run(deepspeed_cmd("launchers/pretrain.py", "--output-dir", str(ref_dir), *RESUME_ARGS))
+    assert ref.returncode == 0, ref.stdout[-2000:]
+    return _steps(ref_dir)
+
+
+def _same_losses(interrupted: list[dict], reference: list[dict]) -> None:
+    last = {r["step"]: r for r in interrupted}  # a step run again after a resume counts once, last
+    assert sorted(last) == [r["step"] for r in reference]
+    for b in reference:
+        a = last[b["step"]]
+        assert (a["loss"], a["loss_feature"], a["grad_norm"]) == (b["loss"], b["loss_feature"], b["grad_norm"])
+
+
+def _wait_gone(env: dict, job_id: str, deadline: float) -> None:
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job_id], env=env,
+                                                    capture_output=True, text=True).stdout.strip():
+        time.sleep(1)
+
+
 @pytest.mark.slow
-def test_preemption_requeues_and_resumes_exactly(cluster, tmp_path) -> None:
-    args = ["--config", "demo", "--max-steps", "30", "--set", *TINY,
-            "data.micro_batch_size=32", "data.global_batch_size=64"]
+def test_preemption_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    job_id = _sbatch(cluster, tmp_path, run_dir, *args, wait=False).stdout.strip().split(";")[0]
+    job_id = _sbatch(cluster, tmp_path, run_dir, *RESUME_ARGS, wait=False).stdout.strip().split(";")[0]
     deadline = time.time() + 300
     while time.time() < deadline and len(_steps(run_dir)) < 3:
         time.sleep(0.3)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=cluster, check=True)
-    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job_id], env=cluster,
-                                                    capture_output=True, text=True).stdout.strip():
-        time.sleep(1)
+    _wait_gone(cluster, job_id, deadline)
     log = (tmp_path / f"job-{job_id}.out").read_text()
     assert "preempted: checkpoint saved at step" in log, log[-3000:]
     saved = int(log.split("preempted: checkpoint saved at step ")[1].split(";")[0])
@@ -96,11 +119,46 @@ def test_preemption_requeues_and_resumes_exactly(cluster, tmp_path) -> None:
     interrupted = _steps(run_dir)
     assert [r["step"] for r in interrupted] == list(range(1, 31))
     # the same settings without interruption, launched by deepspeed: identical losses, step for step
-    ref_dir = tmp_path / "reference"
-    ref = run(deepspeed_cmd("launchers/pretrain.py", "--output-dir", str(ref_dir), *args))
-    assert ref.returncode == 0, ref.stdout[-2000:]
-    for a, b in zip(interrupted, _steps(ref_dir)):
-        assert (a["step"], a["loss"], a["loss_feature"]) == (b["step"], b["loss"], b["loss_feature"])
+    _same_losses(interrupted, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_which_requeues_and_resumes(cluster, uninterrupted, tmp_path) -> None:
+    import psutil
+
+    run_dir = tmp_path / "run"
+    job_id = _sbatch(cluster, tmp_path, run_dir, *RESUME_ARGS, "checkpoint.every_steps=4",
+                     wait=False).stdout.strip().split(";")[0]
+    deadline = time.time() + 400
+    while time.time() < deadline and len(_steps(run_dir)) < 6:
+        time.sleep(0.3)
+    # rank 1 (on node2) dies as a lost node's would: SIGKILL, no checkpoint, no goodbye
+    victims = [p for p in psutil.process_iter(["cmdline", "environ"])
+               if str(run_dir) in " ".join(p.info["cmdline"] or []) and "launchers/pretrain.py" in " ".join(
+                   p.info["cmdline"] or []) and (p.info["environ"] or {}).get("SLURM_PROCID") == "1"
+               and (p.info["environ"] or {}).get("SLURM_STEP_ID") is not None]
+    rank1 = min(victims, key=lambda p: p.create_time())  # the rank itself, not its data workers
+    rank1.kill()
+    killed_at = time.time()
+    log_path = tmp_path / f"job-{job_id}.out"
+    while time.time() < deadline and "training failed" not in log_path.read_text():
+        time.sleep(0.3)
+    ended_after = time.time() - killed_at
+    _wait_gone(cluster, job_id, deadline)
+    log = log_path.read_text()
+    assert ended_after < 60, f"the job took {ended_after:.0f} s to notice the dead rank"
+    assert "requeueing job" in log and "failure 1 of 3 in a row" in log and "restart 1" in log, log[-3000:]
+    assert "resumed from" in log and log.rstrip().endswith("[sbatch] training finished"), log[-3000:]
+    _same_losses(_steps(run_dir), uninterrupted)
+
+
+@pytest.mark.slow
+def test_bad_input_is_not_requeued(cluster, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    job = _sbatch(cluster, tmp_path, run_dir, "--config", "demo", "--set", "mask.num_masked=999", wait=True)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert job.returncode == 2  # sbatch --wait passes the batch script's status on
+    assert "training stopped with status 2; not requeueing" in log and "restart 1" not in log, log[-3000:]
 
 
 @pytest.mark.slow

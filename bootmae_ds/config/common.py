@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -95,16 +95,80 @@ class RunConfig(Section):
         "step then takes a minute or more to compile; off by default as it does not pay on CPU."
     )
     activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels on GPUs (torch.use_deterministic_algorithms, no cuDNN "
+        "autotuning): a resumed run then repeats an uninterrupted one bit for bit, a little slower. "
+        "CPU runs are deterministic anyway."
+    )
+
+
+class NonfiniteGuard(Section):
+    """What a run does about non-finite losses and loss spikes (the optimizer sections of every
+    job extend it)."""
+
+    max_skipped_in_row: int = Field(
+        10, ge=1, description="Non-finite steps in a row (skipped by DeepSpeed) before on_nonfinite acts."
+    )
+    on_nonfinite: Literal["stop", "rewind"] = Field(
+        "stop", description="stop: exit with status 3, the last checkpoint intact. rewind: reload the "
+        "newest complete checkpoint, move the data stream past the window that failed, go on."
+    )
+    max_rewinds: int = Field(3, ge=0, description="Rewinds allowed in one run; one more stops it (status 3).")
+    spike_factor: float | None = Field(
+        3.0, gt=1, description="Warn (and mark metrics.jsonl) when a step's loss exceeds this many times "
+        "the running median; null = off."
+    )
+    spike_window: int = Field(100, ge=5, description="Steps in the running median of the spike detector.")
+
+
+class DebugConfig(Section):
+    """Fault injection for tests and drills; empty in real runs."""
+
+    nan_steps: list[int] = Field(
+        default_factory=list, description="Optimizer steps (0-based) whose inputs are replaced by NaN, on "
+        "the data they consume in an uninterrupted run: after a rewind the stream has moved past them."
+    )
+    slow_save_s: float = Field(
+        0.0, ge=0, description="Pause each checkpoint save this long between DeepSpeed's files and "
+        "ours (a window in which kill drills leave a half-written checkpoint)."
+    )
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")
 
 
 class LoggingConfig(Section):
-    """Console, metrics.jsonl and TensorBoard (every job; pre-training adds its monitors)."""
+    """Console, metrics.jsonl and experiment trackers (every job; pre-training adds its monitors)."""
 
     every_steps: int = Field(10, ge=1, description="Console/TensorBoard scalars every N steps.")
-    tensorboard: bool = Field(True, description="Write TensorBoard events on rank 0.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "csv"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Where rank 0 also logs (beside "
+        "metrics.jsonl): tensorboard (RUN/tensorboard), wandb (WANDB_* env; pip install -e '.[wandb]'), "
+        "mlflow (MLFLOW_TRACKING_URI, else RUN/mlruns; '.[mlflow]'), csv (RUN/metrics.csv)."
+    )
+    project: str = Field("bootmae-ds", min_length=1, description="wandb project / MLflow experiment name.")
     peak_tflops: float | None = Field(
         None, gt=0, description="Device matmul peak for MFU; null = known GPU table or none."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_tensorboard(cls, data: Any) -> Any:
+        """Configs written before ``trackers`` existed say ``tensorboard: true|false``."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            on = data.pop("tensorboard")
+            if not isinstance(on, bool):
+                fail("logging.tensorboard", on, "must be true or false (better: list it in logging.trackers)")
+            trackers = [t for t in data.get("trackers", ["tensorboard"]) if t != "tensorboard"]
+            data["trackers"] = (["tensorboard"] if on else []) + trackers
+        return data
+
+    @model_validator(mode="after")
+    def _check_trackers(self) -> "LoggingConfig":
+        if len(set(self.trackers)) != len(self.trackers):
+            fail("logging.trackers", self.trackers, "lists a tracker twice")
+        return self
 
 
 class InitConfig(Section):

@@ -3,10 +3,10 @@
     cfg = load_finetune_config("vit_base", overrides=["init.source=runs/b800", "model.num_classes=100"])
 
 Presets live in ``bootmae_ds/presets/finetune/``; ``vit_base`` (= the defaults) is the official
-ViT-B recipe of the BootMAE README: batch 2048, lr 5e-3, layer decay 0.65 (the README runs 0.6;
-SPEC allows 0.6-0.65), 20 warm-up of 100 epochs, drop path 0.1, weight decay 0.05, mixup 0.8,
-cutmix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, model EMA
-0.9998, mean-pooled tokens + LayerNorm + linear head.
+ViT-B command (``scripts/finetune/bash_fine_BootMAE_Base_800.sh``): batch 2048, lr 5e-3, layer
+decay 0.6, 20 warm-up of 100 epochs, drop path 0.1, weight decay 0.05, mixup 0.8, cutmix 1.0,
+label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, model EMA 0.9998,
+mean-pooled tokens + a fresh LayerNorm + linear head, position embedding frozen.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
-from .common import CheckpointConfig, DataConfig, InitConfig, LoggingConfig, RunConfig
+from .common import (
+    CheckpointConfig,
+    DataConfig,
+    DebugConfig,
+    InitConfig,
+    LoggingConfig,
+    NonfiniteGuard,
+    RunConfig,
+)
 
 PRESET_DIR = PRESETS_ROOT / "finetune"
 
@@ -31,7 +39,12 @@ class ClassifierConfig(Section):
         "resamples the position embedding (bicubic).")
     drop_path: float = Field(0.1, ge=0, lt=1, description="Stochastic depth rate, linear over blocks.")
     head_init_scale: float = Field(0.001, gt=0, description="Head weights ~ trunc_normal(0.02) x this.")
-    train_pos_embed: bool = Field(True, description="Fine-tune the position embedding (official: yes).")
+    train_pos_embed: bool = Field(
+        False, description="Fine-tune the position embedding. Official: no (the fine-tuning model "
+        "rebuilds the fixed sin-cos table with requires_grad=False); true trains it.")
+    fc_norm: Literal["fresh", "encoder"] = Field(
+        "fresh", description="LayerNorm of the pooled tokens: 'fresh' (weight 1, bias 0: the official "
+        "model does not load the pre-trained final norm) or 'encoder' (start from the encoder's final norm).")
 
 
 class AugmentConfig(Section):
@@ -59,18 +72,19 @@ class AugmentConfig(Section):
         return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
 
-class FinetuneOptimConfig(Section):
+class FinetuneOptimConfig(NonfiniteGuard):
     """AdamW with layer-wise lr decay."""
 
     base_lr: float = Field(6.25e-4, gt=0, description="lr per 256 images (6.25e-4 x 2048/256 = 5e-3).")
     lr_batch_divisor: int = Field(256, ge=1, description="lr = base_lr * global_batch / this.")
     min_lr: float = Field(1e-6, ge=0, description="Cosine floor (absolute).")
-    layer_decay: float = Field(0.65, gt=0, le=1, description="lr scale decay per block from the head down.")
+    layer_decay: float = Field(0.6, gt=0, le=1, description="lr scale decay per block from the head down.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     clip_grad: float | None = Field(None, gt=0, description="Max grad norm; null = no clipping.")
-    max_skipped_in_row: int = Field(20, ge=1, description="Stop after this many non-finite steps in a row.")
+    max_skipped_in_row: int = Field(
+        20, ge=1, description="Non-finite steps in a row (skipped by DeepSpeed) before on_nonfinite acts.")
 
 
 class FinetuneScheduleConfig(Section):
@@ -101,7 +115,7 @@ class FinetuneDataConfig(DataConfig):
                      "a shard URL list or an ImageFolder directory.")
     val_limit: int | None = Field(None, ge=1, description="Evaluate on the first N images; null = all.")
     eval_batch_size: int = Field(256, ge=1, description="Images per device per evaluation forward.")
-    micro_batch_size: int = Field(128, ge=1, description="Images per device per forward.")
+    micro_batch_size: int = Field(256, ge=1, description="Images per device per forward (official: 256).")
     global_batch_size: int = Field(2048, ge=1, description="Images per optimizer step over all devices.")
     mean: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
         None, description="Normalisation mean; null = the pre-training run's.")
@@ -129,6 +143,7 @@ class FinetuneConfig(Tree):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="finetune"), description="Run identity.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":

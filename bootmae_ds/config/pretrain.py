@@ -16,7 +16,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, Tree, available_presets, build_tree, fail, load_tree
-from .common import CheckpointConfig, DataConfig, LoggingConfig, RunConfig
+from .common import (
+    CheckpointConfig,
+    DataConfig,
+    DebugConfig,
+    LoggingConfig,
+    NonfiniteGuard,
+    RunConfig,
+)
 
 PRESET_DIR = PRESETS_ROOT / "pretrain"
 
@@ -86,6 +93,10 @@ class ModelConfig(Section):
     feature_decoder: DecoderConfig = Field(
         default_factory=lambda: DecoderConfig(dim=None, context_block=-1),
         description="Feature predictor (official: 2 blocks, encoder width, context = last block).",
+    )
+    pixel_head_bias: Literal["per_channel", "per_value"] = Field(
+        "per_channel", description="Bias of the pixel head: one per output channel (official "
+        "ConvTranspose2d head) or one per predicted value (MAE's Linear decoder_pred)."
     )
 
     @property
@@ -221,7 +232,7 @@ class MomentumConfig(Section):
         return self
 
 
-class OptimConfig(Section):
+class OptimConfig(NonfiniteGuard):
     """AdamW and the learning-rate numbers."""
 
     base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; scaled by global/256.")
@@ -232,9 +243,6 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.05, ge=0, description="Weight decay at the start.")
     weight_decay_end: float | None = Field(None, ge=0, description="Cosine end; null = constant.")
     clip_grad: float | None = Field(None, gt=0, description="Max grad norm; null = no clipping.")
-    max_skipped_in_row: int = Field(
-        10, ge=1, description="Stop the run after this many non-finite steps in a row."
-    )
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
@@ -277,9 +285,50 @@ class PretrainLoggingConfig(LoggingConfig):
     knn_query_limit: int | None = Field(5000, ge=1, description="First N query images; null = all.")
 
 
+class PretrainInitConfig(Section):
+    """The weights a new run starts from (continued pre-training). Read at the first start only:
+    a resume continues from its checkpoint. The optimizer, step and schedules start fresh."""
+
+    source: str = Field(
+        "random", description="'random' (a fresh model), a released BootMAE .pth, an MAE .pth, a timm "
+        "ViT state dict (.pth/.bin/.safetensors), one of our exports (its directory or model.safetensors) "
+        "or a pre-training run directory (weights only)."
+    )
+    kind: Literal["auto", "bootmae", "mae", "timm", "run"] = Field(
+        "auto", description="Layout of init.source; auto = recognised from its keys (the result is "
+        "written to config.yaml)."
+    )
+    which: Literal["online", "momentum"] = Field(
+        "online", description="Weights of the online model: a BootMAE file's 'model' or 'model_ema', a "
+        "run's online or momentum encoder. The momentum encoder starts from the source's EMA encoder "
+        "when it has one, else from a copy of the encoder."
+    )
+    tag: str | None = Field(None, description="Checkpoint tag of a run source; null = its latest.")
+    decoders: bool = Field(
+        True, description="Take the decoders the source holds (BootMAE's both, MAE's as the pixel "
+        "regressor); false = the encoder only, the decoders start fresh."
+    )
+    sha256: str | None = Field(
+        None, description="sha256 of the source file (of a run source's manifest.json); null = "
+        "computed at start and written to config.yaml; given = the file must match it."
+    )
+    loaded: list[str] | None = Field(
+        None, description="Written at start: the parts taken from the source (encoder, pixel_decoder, "
+        "feature_decoder, momentum_encoder); the others started fresh."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainInitConfig":
+        if self.sha256 is not None and (len(self.sha256) != 64 or not all(
+                c in "0123456789abcdef" for c in self.sha256.lower())):
+            fail("init.sha256", self.sha256, "must be 64 hex digits (sha256sum's output) or null")
+        return self
+
+
 class BootMAEConfig(Tree):
     """The whole run: every knob of model, method and infrastructure."""
 
+    init: PretrainInitConfig = Field(default_factory=PretrainInitConfig, description="Initial weights.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
     mask: MaskConfig = Field(default_factory=MaskConfig, description="Masking.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Losses.")
@@ -290,6 +339,7 @@ class BootMAEConfig(Tree):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: PretrainLoggingConfig = Field(default_factory=PretrainLoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> "BootMAEConfig":

@@ -30,12 +30,16 @@ from ..runtime.dist import DistInfo, init_distributed
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import adamw, layer_decay_groups, set_hyperparameters
+from ..runtime.prefetch import DevicePrefetcher
+from ..runtime.recovery import DataFaults, SpikeDetector, poisoned_batches, watch
 from ..runtime.run import (
     DTYPES,
     Preemption,
     RunState,
     announce,
     checkpoint_dir,
+    resume_fingerprint,
+    set_deterministic,
     run_and_close,
     save_run_files,
     start_engine,
@@ -56,6 +60,9 @@ class FinetuneState(RunState):
     best_top1: float = -1.0
     best_epoch: int = -1
     best_which: str = ""
+
+    # RUN/best may already hold a later, better model than the checkpoint a rewind goes back to
+    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_top1", "best_epoch", "best_which")
 
 
 @torch.no_grad()
@@ -85,6 +92,7 @@ class FinetuneTrainer:
 
     def __init__(self, cfg: FinetuneConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        set_deterministic(cfg.run.deterministic)
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
         announce(cfg.run.name, self.info)
@@ -125,6 +133,11 @@ class FinetuneTrainer:
         self.val_source = open_eval_source(cfg.data.val, cfg)  # type: ignore[arg-type]
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.peak = device_peak_tflops(cfg, self.device)
+        self.batches = DevicePrefetcher(self.loader, self.device, keys=("images", "labels"))
+        self.last_batch: dict[str, Any] = {}
+        self.poisoned = poisoned_batches(cfg.debug.nan_steps, self.accum, len(self.loader))
+        self.spikes = SpikeDetector(cfg.optim.spike_factor, cfg.optim.spike_window)
+        self.spikes.load_state_dict(self.state.recent_losses)
         self.preemption = Preemption()
 
     # -- build ------------------------------------------------------------------------------
@@ -139,65 +152,73 @@ class FinetuneTrainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
-        dump = self.cfg.model_dump(mode="json")
-        return {k: dump[k] for k in ("init", "model", "augment", "optim", "schedule", "ema")} | {
-            "data": {k: dump["data"][k] for k in ("global_batch_size", "micro_batch_size", "train")},
-            "seed": dump["run"]["seed"]}
+        return resume_fingerprint(self.cfg, ("init", "model", "augment", "optim", "schedule", "ema"))
+
+    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Restore weights, model EMA and RNG from a checkpoint (a rewind); the saved run state."""
+        return ckpt.load_checkpoint(self.engine, self.ema, tag_dir, manifest)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        skipped_in_row, loss_sum, micro, wait = 0, 0.0, 0, 0.0
-        step_start = wait_start = time.perf_counter()
+        loss_sum, micro, faults = None, 0, DataFaults()
+        step_start = time.perf_counter()
         while self.state.step < self.total_steps:
-            for batch in self.loader:
-                wait += time.perf_counter() - wait_start
+            for batch in self.batches:
+                self.last_batch = batch
                 step = self.state.step
                 lr = self.schedules.lr(step)
                 set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
-                images, targets = self.augment(batch["images"].to(self.device, non_blocking=True),
-                                               batch["labels"].to(self.device, non_blocking=True), batch["keys"])
+                images, targets = self.augment(batch["images"], batch["labels"], batch["keys"])
+                if (batch["epoch"], batch["index"]) in self.poisoned:
+                    images = torch.full_like(images, float("nan"))  # the debug.nan_steps drill
                 loss = soft_cross_entropy(self.engine(images.to(self.dtype)), targets)
                 self.engine.backward(loss)
-                loss_sum, micro = loss_sum + loss.item(), micro + 1
+                # summed on the device: a read per micro-batch would stall it every time
+                loss_sum, micro = (loss.detach() if loss_sum is None else loss_sum + loss.detach()), micro + 1
+                faults.add(batch)
+                self.batches.prefetch()
                 before = self.engine.global_steps
                 self.engine.step()
                 if self.engine.global_steps == before:
-                    wait_start = time.perf_counter()
                     continue
                 applied = self.engine.was_step_applied()
                 if applied and self.ema is not None:
                     self.ema.update(self.cfg.ema.decay)
                 self.state.step += 1
                 self.state.samples += self.cfg.data.global_batch_size
-                self.state.data = self.loader.state_dict()
-                skipped_in_row = 0 if applied else skipped_in_row + 1
+                self.state.data = self.loader.position_after(batch)
+                self.state.skipped_in_row = 0 if applied else self.state.skipped_in_row + 1
                 self.state.skipped_total += 0 if applied else 1
-                row = self._train_row(loss_sum / micro, lr, step, time.perf_counter() - step_start, wait)
+                wait, self.batches.wait_s = self.batches.wait_s, 0.0
+                row = self._train_row(loss_sum / micro, faults, lr, step, time.perf_counter() - step_start, wait)
                 evaluated = self._maybe_evaluate(row)
                 self.metrics.log(self.state.step, row)
-                loss_sum, micro, wait, step_start = 0.0, 0, 0.0, time.perf_counter()
-                status = self._after_step(skipped_in_row, evaluated)
+                loss_sum, micro, faults, step_start = None, 0, DataFaults(), time.perf_counter()
+                status = self._after_step(evaluated)
                 if status is not None:
                     return status
                 if self.state.step >= self.total_steps:
                     break
-                wait_start = time.perf_counter()
         self._save()
         self.metrics.close()
         return 0
 
-    def _train_row(self, loss: float, lr: float, step: int, elapsed: float, wait: float) -> dict[str, Any]:
-        t = torch.tensor([loss], device=self.device)
-        dist.all_reduce(t)
+    def _train_row(self, loss: torch.Tensor, faults: DataFaults, lr: float, step: int, elapsed: float,
+                   wait: float) -> dict[str, Any]:
+        sums = torch.cat([loss.float().reshape(1), torch.tensor(faults.counts(), device=self.device)])
+        dist.all_reduce(sums)
+        loss_sum, *fault_counts = sums.tolist()  # the one read of the step's numbers
         rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
-        row = {"epoch": self.schedules.epoch(step), "loss": t.item() / self.info.world_size, "lr": lr,
+        row = {"epoch": self.schedules.epoch(step), "loss": loss_sum / self.info.world_size, "lr": lr,
                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
                "samples_per_s": rate, "samples_per_s_per_device": rate / self.info.world_size,
                "step_time_s": elapsed, "data_wait_s": wait}
         if self.device.type == "cuda":
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        faults.report(row, fault_counts, self.info.is_main)
+        watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
         return row
 
     def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
@@ -252,11 +273,12 @@ class FinetuneTrainer:
                       "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init",
                       "fingerprint": self.pre.fingerprint()}
         out = self.run_dir / BEST
-        write_export(EncoderExport(model.encoder, pre, provenance, head=model.head), out, force=True)
+        write_export(EncoderExport(model.encoder, pre, provenance, head=model.head, fc_norm=model.fc_norm),
+                     out, force=True)
         (out / "metrics.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
-    def _after_step(self, skipped_in_row: int, evaluated: bool) -> int | None:
-        status = stop_status(self, skipped_in_row)
+    def _after_step(self, evaluated: bool) -> int | None:
+        status = stop_status(self)
         step = self.state.step
         if status is None and (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
             self._save()
@@ -265,8 +287,9 @@ class FinetuneTrainer:
     def _save(self) -> None:
         if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
             return
+        self.state.recent_losses = self.spikes.state_dict()
         ckpt.save_checkpoint(self.engine, self.ema, self.ckpt_dir, self.state.step, self.state.as_dict(),
-                             self._fingerprint(), self.cfg.checkpoint.keep_last)
+                             self._fingerprint(), self.cfg.checkpoint.keep_last, self.cfg.debug.slow_save_s)
 
 
 def _seed_process_rngs(seed: int) -> None:

@@ -4,6 +4,11 @@ Attention widths follow the official code: ``head_dim`` defaults to ``dim // num
 inner width is ``num_heads * head_dim``, which may be below ``dim`` (12 heads x 42 = 504 in the
 512-wide pixel regressor). All attention goes through ``scaled_dot_product_attention`` so GPUs
 get flash / memory-efficient kernels and no attention matrix is materialised.
+
+Flash attention takes head dims that are multiples of 8 only; 42 would fall back to a slower
+kernel. On CUDA such heads are zero-padded (42 -> 48) for the kernel and cut back after it, with
+the softmax scale of the true head dim: q.k and the weighted sum of v are unchanged by zero
+columns, so the output is the same and the parameters (hence official checkpoints) are untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +17,22 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
+
+
+# Whether attention pads head dims to a multiple of 8: None = on CUDA only (where flash needs it);
+# True / False force it (tests compare both paths on the CPU).
+PAD_HEAD_DIM: bool | None = None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of ``[B, H, L, hd]`` tensors, with ``hd`` zero-padded to a
+    multiple of 8 when the fast kernels need it (see the module docstring)."""
+    hd = q.shape[-1]
+    pad = -hd % 8
+    if not pad or not (q.is_cuda if PAD_HEAD_DIM is None else PAD_HEAD_DIM):
+        return F.scaled_dot_product_attention(q, k, v)
+    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=hd ** -0.5)[..., :hd]
 
 
 def _qv_bias(q_bias: torch.Tensor | None, v_bias: torch.Tensor | None, parts: int) -> torch.Tensor | None:
@@ -39,7 +60,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         qkv = F.linear(x, self.qkv.weight, _qv_bias(self.q_bias, self.v_bias, 3))
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, hd]
+        x = attend(q, k, v)  # [B, H, L, hd]
         return self.proj(x.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -65,7 +86,7 @@ class CrossAttention(nn.Module):
         q = F.linear(x, self.q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         kv = F.linear(context, self.kv.weight, _qv_bias(self.q_bias, self.v_bias, 2))
         k, v = kv.view(B, S, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, hd]
+        x = attend(q, k, v)  # [B, H, L, hd]
         return self.proj(x.transpose(1, 2).reshape(B, L, -1))
 
 

@@ -18,18 +18,23 @@ import torch.distributed as dist
 
 from ..config import BootMAEConfig
 from ..data import build_train_loader
+from ..interop.pretrain_init import initial_weights
 from ..models import BootMAE, build_model, mask_to_ids
 from ..runtime import checkpoint as ckpt
 from ..runtime.dist import DistInfo, init_distributed
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import build_optimizer, set_hyperparameters
+from ..runtime.prefetch import DevicePrefetcher
+from ..runtime.recovery import DataFaults, SpikeDetector, poisoned_batches, watch
 from ..runtime.run import (
     DTYPES,
     Preemption,
     RunState,
     announce,
     checkpoint_dir,
+    resume_fingerprint,
+    set_deterministic,
     run_and_close,
     save_run_files,
     start_engine,
@@ -44,16 +49,19 @@ from .teacher import build_teacher, teacher_copy
 
 @dataclass
 class StepStats:
-    """Sums over the micro-batches of one optimizer step."""
+    """Sums over the micro-batches of one optimizer step. The losses stay on the device until
+    the step is logged: reading them per micro-batch would stall the device every time."""
 
-    loss: float = 0.0
-    pixel: float = 0.0
-    feature: float = 0.0
-    corrupt: int = 0
+    losses: torch.Tensor | None = None  # [loss, pixel, feature] summed over micro-batches
+    faults: DataFaults = field(default_factory=DataFaults)
     data_wait: float = 0.0
     ema: float = 0.0
     micro: int = 0
     last: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, losses: torch.Tensor) -> None:
+        self.losses = losses if self.losses is None else self.losses + losses
+        self.micro += 1
 
 
 class Trainer:
@@ -61,6 +69,7 @@ class Trainer:
 
     def __init__(self, cfg: BootMAEConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        set_deterministic(cfg.run.deterministic)
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
         announce(cfg.run.name, self.info)
@@ -72,15 +81,18 @@ class Trainer:
         self.ckpt_dir = checkpoint_dir(cfg, run_dir)
         save_run_files(self.info, run_dir, cfg, self.ds_config)
         self.model: BootMAE = build_model(cfg)
+        self.init = initial_weights(cfg, self.model, run_dir, self.ckpt_dir, resume, self.info.is_main)
         self.model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
         if cfg.run.compile:
             self.model.compile()  # in place: parameter names, hence checkpoints, stay the same
         teacher = teacher_copy(cfg, self.model)
         optimizer = build_optimizer(self.model, cfg, self.device.type)
         self.engine, resumed = start_engine(self.model, optimizer, self.ds_config, self.ckpt_dir, resume,
-                                            self._fingerprint_config(), self.info.world_size,
+                                            self._fingerprint(), self.info.world_size,
                                             cfg.checkpoint.allow_resize)
         self.momentum = build_teacher(cfg, self.engine, teacher, self.precision, self.device)
+        if self.init is not None:  # fp32 masters and momentum encoder from init.source (not on resume)
+            self.init.start(self.engine, self.momentum, resumed)
         self.state = RunState()
         if resumed is not None:
             self.state = RunState(**resumed.load(self.engine, self.momentum))
@@ -106,23 +118,30 @@ class Trainer:
 
             lg = cfg.logging
             self.knn = KnnMonitor(cfg, lg.knn_bank, lg.knn_queries, lg.knn_bank_limit, lg.knn_query_limit)
+        self.batches = DevicePrefetcher(self.loader, self.device, keys=("images", "masks"))
+        self.last_batch: dict[str, Any] = {}
+        self.poisoned = poisoned_batches(cfg.debug.nan_steps, self.accum, len(self.loader))
+        self.spikes = SpikeDetector(cfg.optim.spike_factor, cfg.optim.spike_window)
+        self.spikes.load_state_dict(self.state.recent_losses)
         self.preemption = Preemption()
 
     # -- build ------------------------------------------------------------------------------
-    def _fingerprint_config(self) -> dict[str, Any]:
+    def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
-        dump = self.cfg.model_dump(mode="json")
-        return {k: dump[k] for k in ("model", "mask", "loss", "momentum", "optim", "schedule")} | {
-            "data": {k: dump["data"][k] for k in ("global_batch_size", "micro_batch_size", "train")},
-            "seed": dump["run"]["seed"]}
+        return resume_fingerprint(self.cfg, ("model", "mask", "loss", "momentum", "optim", "schedule"))
+
+    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Restore weights, teacher and RNG from a checkpoint (a rewind); the saved run state."""
+        return ckpt.load_checkpoint(self.engine, self.momentum, tag_dir, manifest)
 
     # -- one micro-batch ----------------------------------------------------------------------
     def _micro_step(self, batch: dict[str, Any], stats: StepStats, feature_weight: float) -> None:
         cfg = self.cfg
-        images = batch["images"].to(self.device, non_blocking=True)
-        mask = batch["masks"].to(self.device, non_blocking=True)
+        images, mask = batch["images"], batch["masks"]  # on the device already (DevicePrefetcher)
         mean, std = self.norm
         x = (images.float() - mean) / std  # normalisation on the device, uint8 over the wire
+        if (batch["epoch"], batch["index"]) in self.poisoned:
+            x = torch.full_like(x, float("nan"))  # the debug.nan_steps drill
         out = self.engine(x.to(self.dtype), mask)
         loss_pix = pixel_loss(out.pixels, x, mask, patch_size=cfg.model.patch_size,
                               weighted=cfg.loss.weighted_mask, norm=cfg.loss.pixel_norm, eps=cfg.loss.pixel_norm_eps)
@@ -136,11 +155,8 @@ class Trainer:
                                      eps=cfg.loss.feature_norm_eps, subset=subset)
             loss = loss + feature_weight * loss_feat
         self.engine.backward(loss)
-        stats.loss += loss.item()
-        stats.pixel += loss_pix.item()
-        stats.feature += loss_feat.item()
-        stats.corrupt += int(batch.get("corrupt", 0))
-        stats.micro += 1
+        stats.add(torch.stack([loss.detach(), loss_pix.detach(), loss_feat.detach()]).float())
+        stats.faults.add(batch)
         stats.last = {"images": images, "mask": mask, "pixels": out.pixels.detach()}
 
     def _teacher_subset(self, mask: torch.Tensor, index: int) -> torch.Tensor:
@@ -157,21 +173,19 @@ class Trainer:
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
         if self.state.step >= self.total_steps and self.info.is_main:
             print(f"nothing to do: the run is at step {self.state.step} of {self.total_steps}", flush=True)
-        skipped_in_row = 0
         stats = StepStats()
         step_start = time.perf_counter()
         while self.state.step < self.total_steps:
-            wait_start = time.perf_counter()
-            for batch in self.loader:
-                stats.data_wait += time.perf_counter() - wait_start
+            for batch in self.batches:
+                self.last_batch = batch
                 step = self.state.step
                 lr, wd = self.schedules.lr(step), self.schedules.weight_decay(step)
                 set_hyperparameters(self.engine.optimizer, lr, wd)
                 self._micro_step(batch, stats, self.schedules.feature_weight(step))
+                self.batches.prefetch()  # the next batch travels while the backward pass runs
                 before = self.engine.global_steps
                 self.engine.step()
                 if self.engine.global_steps == before:
-                    wait_start = time.perf_counter()
                     continue  # inside gradient accumulation
                 applied = self.engine.was_step_applied()
                 ema_start = time.perf_counter()
@@ -179,26 +193,26 @@ class Trainer:
                     self.momentum.update(self.schedules.momentum(step))
                     self.momentum.gather()
                 stats.ema = time.perf_counter() - ema_start
+                stats.data_wait, self.batches.wait_s = self.batches.wait_s, 0.0
                 self.state.step += 1
                 self.state.samples += self.cfg.data.global_batch_size
-                self.state.data = self.loader.state_dict()
-                skipped_in_row = 0 if applied else skipped_in_row + 1
+                self.state.data = self.loader.position_after(batch)
+                self.state.skipped_in_row = 0 if applied else self.state.skipped_in_row + 1
                 self.state.skipped_total += 0 if applied else 1
                 elapsed = time.perf_counter() - step_start
                 self._log(stats, lr, wd, step, elapsed)
                 stats, step_start = StepStats(), time.perf_counter()
-                status = self._after_step(skipped_in_row)
+                status = self._after_step()
                 if status is not None:
                     return status
                 if self.state.step >= self.total_steps:
                     break
-                wait_start = time.perf_counter()
         self._save()
         self.metrics.close()
         return 0
 
-    def _after_step(self, skipped_in_row: int) -> int | None:
-        status = stop_status(self, skipped_in_row)
+    def _after_step(self) -> int | None:
+        status = stop_status(self)
         if status is None and self.state.step % self.cfg.checkpoint.every_steps == 0 \
                 and self.state.step < self.total_steps:
             self._save()
@@ -207,27 +221,29 @@ class Trainer:
     def _save(self) -> None:
         if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
             return
+        self.state.recent_losses = self.spikes.state_dict()
         ckpt.save_checkpoint(self.engine, self.momentum, self.ckpt_dir, self.state.step, self.state.as_dict(),
-                             self._fingerprint_config(), self.cfg.checkpoint.keep_last)
+                             self._fingerprint(), self.cfg.checkpoint.keep_last, self.cfg.debug.slow_save_s)
 
     def _log(self, stats: StepStats, lr: float, wd: float, step: int, elapsed: float) -> None:
         n = max(stats.micro, 1)
-        sums = torch.tensor([stats.loss / n, stats.pixel / n, stats.feature / n, float(stats.corrupt)],
-                            device=self.device)
+        sums = torch.cat([stats.losses / n, torch.tensor(stats.faults.counts(), device=self.device)])
         dist.all_reduce(sums)
         world = self.info.world_size
+        loss, pixel, feature, *faults = sums.tolist()  # the one read of the step's numbers
         rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
         row = {
-            "epoch": self.schedules.epoch(step), "loss": sums[0].item() / world,
-            "loss_pixel": sums[1].item() / world, "loss_feature": sums[2].item() / world,
+            "epoch": self.schedules.epoch(step), "loss": loss / world,
+            "loss_pixel": pixel / world, "loss_feature": feature / world,
             "lr": lr, "weight_decay": wd, "momentum": self.schedules.momentum(step),
             "feature_weight": self.schedules.feature_weight(step),
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
             "samples_per_s": rate, "samples_per_s_per_device": rate / world,
             "step_time_s": elapsed, "data_wait_s": stats.data_wait, "ema_update_s": stats.ema,
-            "corrupt_samples": int(sums[3].item()),
         }
+        stats.faults.report(row, faults, self.info.is_main)
+        watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
         if self.peak:
             row["mfu"] = rate / world * self.flops / (self.peak * 1e12)
         every = self.cfg.logging.knn_every_steps

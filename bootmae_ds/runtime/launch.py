@@ -29,7 +29,15 @@ def training_main(args: argparse.Namespace, load: Callable[[str, list[str]], Any
     """Load and print the config, then ``train()(cfg, output_dir, max_steps, resume)``.
 
     ``train`` returns the training function when called, so DeepSpeed (seconds to import) is
-    imported only after the config validated."""
+    imported only after the config validated. The status is also written where
+    ``$BOOTMAE_EXIT_STATUS_FILE`` says (rank 0), for the SLURM script's requeue decision."""
+    status = _train(args, load, train)
+    record_exit_status(status)
+    return status
+
+
+def _train(args: argparse.Namespace, load: Callable[[str, list[str]], Any],
+           train: Callable[[], Callable[..., int]]) -> int:
     try:
         cfg = load(args.config, args.set)
     except ConfigError as err:
@@ -37,10 +45,32 @@ def training_main(args: argparse.Namespace, load: Callable[[str, list[str]], Any
         return 2
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    if os.environ.get("RANK", "0") == "0":
+    if _global_rank() == 0:
         print(cfg.to_yaml(), end="", flush=True)
     try:
         return train()(cfg, args.output_dir, args.max_steps, args.resume)
     except (InputError, FileNotFoundError) as err:  # bad config, checkpoint, shard, path, environment
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+
+
+def _global_rank() -> int:
+    """This process's rank before torch.distributed starts (srun tasks carry SLURM_PROCID only)."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def record_exit_status(status: int) -> None:
+    """Rank 0 writes ``status`` to ``$BOOTMAE_EXIT_STATUS_FILE`` (atomically) when it is set.
+
+    Under ``srun --kill-on-bad-exit=1`` one failing rank takes the others down, so srun's own
+    exit code no longer tells a preemption (75) or bad input (2) from a crash; this file does,
+    and its absence means rank 0 did not get to finish (a crash, a kill, a lost node)."""
+    path = os.environ.get("BOOTMAE_EXIT_STATUS_FILE")
+    if not path or _global_rank() != 0:
+        return
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(f"{status}\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"warning: could not record exit status {status} in {path} ({err})", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 run state saved with each checkpoint, preemption, and the decision to stop.
 
 Exit statuses shared by every training launcher: 0 finished, 75 preempted after a checkpoint
-(requeue me), 3 stopped on non-finite losses (last good checkpoint left intact), 2 bad input.
+(requeue me), 3 stopped on non-finite losses (last good checkpoint left intact), 4 a checkpoint
+could not be written (storage full or failing; the previous one intact), 2 bad input.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 import signal
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from .dist import DistInfo
 
 EXIT_PREEMPTED = 75
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4
+# Fields of the optimizer sections that steer recovery, not the arithmetic: a resume may change them.
+GUARD_FIELDS = ("max_skipped_in_row", "on_nonfinite", "max_rewinds", "spike_factor", "spike_window")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -34,6 +38,12 @@ class RunState:
     samples: int = 0
     data: dict[str, Any] | None = None
     skipped_total: int = 0
+    skipped_in_row: int = 0
+    rewinds: list[dict[str, Any]] = field(default_factory=list)  # one record per rewind
+    recent_losses: list[float] = field(default_factory=list)  # the spike detector's window
+
+    # What a rewind keeps from the moment it happens (the rest comes from the checkpoint).
+    KEPT_ON_REWIND = ("skipped_total", "rewinds", "recent_losses")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,11 +69,32 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def set_deterministic(on: bool) -> None:
+    """``run.deterministic``: deterministic kernels (before the first CUDA kernel runs)."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at handle creation
+    # warn_only: an op without a deterministic kernel warns instead of stopping a long run
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def announce(name: str, info: DistInfo) -> None:
     """One start-up line per rank: where it runs and whom it rendezvoused with."""
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[{name}] [rank {info.rank}/{info.world_size}] local rank {info.local_rank} on {node}, "
           f"device {info.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+
+
+def resume_fingerprint(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The parts of a job's config a checkpoint must agree with to be resumed: ``sections``
+    (without the recovery knobs of ``optim``), the batch sizes, the data and the seed."""
+    dump = cfg.model_dump(mode="json")
+    out = {k: dump[k] for k in sections}
+    if "optim" in out:
+        out["optim"] = {k: v for k, v in out["optim"].items() if k not in GUARD_FIELDS}
+    return out | {"data": {k: dump["data"][k] for k in ("global_batch_size", "micro_batch_size", "train")},
+                  "seed": dump["run"]["seed"]}
 
 
 def checkpoint_dir(cfg: Any, run_dir: Path) -> Path:
@@ -113,33 +144,78 @@ def start_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine, (Resume(tag_dir, manifest, resized) if tag_dir is not None else None)
 
 
-def stop_status(trainer: Any, skipped_in_row: int) -> int | None:
-    """The exit status when a trainer must stop after this step, else None: EXIT_NONFINITE after
-    too many non-finite steps in a row, EXIT_PREEMPTED (after saving) when a rank got a signal.
+def stop_status(trainer: Any, skipped_in_row: int | None = None) -> int | None:
+    """The exit status when a trainer must stop after this step, else None.
+
+    After more than ``optim.max_skipped_in_row`` non-finite steps in a row: with
+    ``optim.on_nonfinite=rewind`` (and rewinds left) the trainer is rewound and goes on, else
+    EXIT_NONFINITE. When a rank got a signal: save, EXIT_PREEMPTED.
 
     ``trainer`` has ``cfg``, ``info``, ``state``, ``ckpt_dir``, ``metrics``, ``preemption``,
-    ``device`` and ``_save()``: every trainer does."""
-    step = trainer.state.step
-    if skipped_in_row > trainer.cfg.optim.max_skipped_in_row:
+    ``device`` and ``_save()``; rewinding also needs ``loader``, ``last_batch`` (the micro-batch
+    consumed last), ``_fingerprint()`` and ``_load(tag_dir, manifest)`` (restore weights, EMA and
+    RNG; returns the saved run state). ``skipped_in_row`` defaults to
+    ``trainer.state.skipped_in_row``; only then can the trainer be rewound.
+    """
+    state, optim = trainer.state, trainer.cfg.optim
+    in_row = state.skipped_in_row if skipped_in_row is None else skipped_in_row
+    if in_row > optim.max_skipped_in_row:
+        rewinds_left = optim.on_nonfinite == "rewind" and len(state.rewinds) < optim.max_rewinds
+        if rewinds_left and skipped_in_row is None and rewind(trainer):
+            return None
         if trainer.info.is_main:
-            print(f"stopping: {skipped_in_row} optimizer steps in a row had non-finite gradients "
-                  f"(step {step}); the last checkpoint in {trainer.ckpt_dir} is intact. Lower the lr, "
-                  f"enable optim.clip_grad or check the data.", flush=True)
+            why = (f"after {len(state.rewinds)} rewind(s), the most optim.max_rewinds allows"
+                   if optim.on_nonfinite == "rewind" else "optim.on_nonfinite=stop")
+            print(f"stopping: {in_row} optimizer steps in a row had non-finite gradients "
+                  f"(step {state.step}; {why}); the last checkpoint in {trainer.ckpt_dir} is intact. "
+                  f"Lower the lr, enable optim.clip_grad or check the data.", flush=True)
         trainer.metrics.close()
         return EXIT_NONFINITE
     if any_rank(trainer.preemption.requested, trainer.device):
         trainer._save()
         if trainer.info.is_main:
-            print(f"preempted: checkpoint saved at step {step}; resume with --resume auto", flush=True)
+            print(f"preempted: checkpoint saved at step {state.step}; resume with --resume auto", flush=True)
         trainer.metrics.close()
         return EXIT_PREEMPTED
     return None
 
 
+def rewind(trainer: Any) -> bool:
+    """Reload the newest complete checkpoint but keep the data stream where it is (past the
+    window that failed); record it in the run state. False when there is no checkpoint."""
+    state = trainer.state
+    tag_dir, manifest = ckpt.choose_resume(trainer.ckpt_dir, "auto", trainer._fingerprint(),
+                                           trainer.info.world_size, allow_resize=False)
+    if tag_dir is None:
+        if trainer.info.is_main:
+            print(f"cannot rewind: no complete checkpoint in {trainer.ckpt_dir} yet", flush=True)
+        return False
+    saved = trainer._load(tag_dir, manifest)
+    data = trainer.loader.position_after(trainer.last_batch)
+    record = {"at_step": state.step, "to_step": saved["step"], "checkpoint": tag_dir.name,
+              "data_epoch": data["epoch"], "data_batches": data["batches"],
+              "skipped_in_row": state.skipped_in_row}
+    keep = {name: getattr(state, name) for name in state.KEPT_ON_REWIND}
+    keep |= {"data": data, "skipped_in_row": 0, "rewinds": [*state.rewinds, record]}
+    trainer.state = type(state)(**(saved | keep))
+    if trainer.info.is_main:
+        print(f"rewound: {record['skipped_in_row']} non-finite steps in a row at step {record['at_step']}; "
+              f"reloaded {tag_dir.name} (step {record['to_step']}), data continues at epoch "
+              f"{data['epoch']} micro-batch {data['batches']} (rewind {len(trainer.state.rewinds)} of "
+              f"{trainer.cfg.optim.max_rewinds})", flush=True)
+    return True
+
+
 def run_and_close(make_trainer: Any) -> int:
-    """Build a trainer, train, wait for every rank; always tear the process group down."""
+    """Build a trainer, train, wait for every rank; always tear the process group down.
+    A checkpoint that could not be written ends the run with EXIT_SAVE_FAILED."""
     try:
-        status = make_trainer().train()
+        try:
+            status = make_trainer().train()
+        except ckpt.CheckpointSaveError as err:  # raised on every rank, after cleaning up
+            if dist.get_rank() == 0:
+                print(f"error: {err}", flush=True)
+            return EXIT_SAVE_FAILED
         dist.barrier()
         return status
     finally:

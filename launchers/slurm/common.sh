@@ -1,6 +1,7 @@
 # The body of every sbatch template here, sourced by them after their #SBATCH block:
 #   source launchers/slurm/common.sh launchers/pretrain.py "$@"
-# Rendezvous, communication knobs, one srun task per GPU, signal forwarding, requeue on status 75.
+# Rendezvous, communication knobs, one srun task per GPU, signal forwarding, requeue after a preemption
+# (status 75) or a failure (a bounded number of times in a row), never after bad input.
 ENTRY=$1
 shift
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
@@ -29,20 +30,51 @@ forward() {
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-srun --kill-on-bad-exit=0 python "$ENTRY" --output-dir "$RUN_DIR" "$@" &
+# Rank 0 records its exit status here (bootmae_ds.runtime.launch): with --kill-on-bad-exit=1 a rank
+# that dies (SIGKILL, a crash, a lost node) takes the step down at once instead of leaving the others
+# blocked in a collective until the distributed timeout, and srun's own status then no longer tells
+# a preemption or bad input from a crash. No file means rank 0 did not get to finish: a failure.
+export BOOTMAE_EXIT_STATUS_FILE="$RUN_DIR/.exit_status"
+FAILURES_FILE="$RUN_DIR/.failed_attempts"
+MAX_FAILED_REQUEUES=${BOOTMAE_MAX_FAILED_REQUEUES:-3}
+rm -f "$BOOTMAE_EXIT_STATUS_FILE"
+
+srun --kill-on-bad-exit=1 python "$ENTRY" --output-dir "$RUN_DIR" "$@" &
 srun_pid=$!
 while true; do   # `wait` returns early when a trapped signal arrives; wait again until srun ends
   wait "$srun_pid"
-  status=$?
+  srun_status=$?
   kill -0 "$srun_pid" 2>/dev/null || break
 done
+status=$(cat "$BOOTMAE_EXIT_STATUS_FILE" 2>/dev/null || echo "none")
+failures=$(cat "$FAILURES_FILE" 2>/dev/null || echo 0)
 
-if [ "$status" -eq 75 ]; then
-  echo "[sbatch] checkpoint written; requeueing job $SLURM_JOB_ID to continue"
-  scontrol requeue "$SLURM_JOB_ID"
-elif [ "$status" -eq 0 ]; then
-  echo "[sbatch] training finished"
-else
-  echo "[sbatch] training failed with status $status; not requeueing"
-fi
+case "$status" in
+  75)
+    echo 0 > "$FAILURES_FILE"
+    echo "[sbatch] checkpoint written; requeueing job $SLURM_JOB_ID to continue"
+    scontrol requeue "$SLURM_JOB_ID"
+    ;;
+  0)
+    echo 0 > "$FAILURES_FILE"
+    echo "[sbatch] training finished"
+    ;;
+  2|3|4)
+    # bad input (2), non-finite losses after any rewinds (3), a checkpoint that could not be written (4):
+    # a rerun would fail the same way; the message above says what to fix
+    echo "[sbatch] training stopped with status $status; not requeueing (rerun the job once fixed)"
+    ;;
+  *)
+    failures=$((failures + 1))
+    echo "$failures" > "$FAILURES_FILE"
+    if [ "$failures" -le "$MAX_FAILED_REQUEUES" ]; then
+      echo "[sbatch] training failed (srun status $srun_status, rank 0 status $status; restart" \
+           "${SLURM_RESTART_COUNT:-0}); requeueing job $SLURM_JOB_ID, failure $failures of $MAX_FAILED_REQUEUES in a row"
+      scontrol requeue "$SLURM_JOB_ID"
+    else
+      echo "[sbatch] training failed $failures times in a row; not requeueing (BOOTMAE_MAX_FAILED_REQUEUES=$MAX_FAILED_REQUEUES)"
+    fi
+    status=1
+    ;;
+esac
 exit "$status"
