@@ -183,3 +183,14 @@ class InitConfig(Section):
     arch: Literal["base", "large"] = Field("base", description="Architecture of an official .pth source.")
     config: str = Field("vit_base_800ep", description="Pre-training preset or YAML giving the "
                         "architecture of source=random.")
+
+
+def inherit_from_pretraining(cfg: Any, pre: Any) -> None:
+    """Fill what a fine-tuning or probing config leaves to its pre-training run (``model.img_size``,
+    ``data.mean``, ``data.std`` set to null) from that run's config ``pre``."""
+    if cfg.model.img_size is None:
+        cfg.model.img_size = pre.model.img_size
+    if cfg.data.mean is None:
+        cfg.data.mean = pre.data.mean
+    if cfg.data.std is None:
+        cfg.data.std = pre.data.std

@@ -21,6 +21,7 @@ from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
 from .common import (
     CheckpointConfig,
     DataConfig,
+    DebugConfig,
     InitConfig,
     LoggingConfig,
     NonfiniteGuard,
@@ -109,6 +110,7 @@ class LinprobeConfig(Tree):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="linprobe"), description="Run identity.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> LinprobeConfig:

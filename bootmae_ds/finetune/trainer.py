@@ -20,33 +20,28 @@ import torch
 import torch.distributed as dist
 
 from ..config import FinetuneConfig
+from ..config.common import inherit_from_pretraining
 from ..data import build_train_loader
 from ..data.labelled import LabelledTransform, eval_batches, open_eval_source
 from ..interop.encoders import EncoderExport
 from ..interop.export import write_export
 from ..models.classifier import ViTClassifier
-from ..runtime import checkpoint as ckpt
-from ..runtime.dist import DistInfo, init_distributed
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import adamw, layer_decay_groups, set_hyperparameters
-from ..runtime.prefetch import DevicePrefetcher
-from ..runtime.recovery import DataFaults, SpikeDetector, poisoned_batches, watch
+from ..runtime.recovery import DataFaults, watch
 from ..runtime.run import (
     DTYPES,
-    Preemption,
     RunState,
-    announce,
     checkpoint_dir,
     resume_fingerprint,
-    set_deterministic,
     run_and_close,
     save_run_files,
     start_engine,
-    stop_status,
 )
 from ..runtime.schedules import Schedules
 from ..runtime.sharded_ema import ShardedEMA, online_full_state
+from ..runtime.trainer import JobTrainer
 from .augment import DeviceAugment, soft_cross_entropy
 from .model import build_classifier
 
@@ -87,17 +82,13 @@ def evaluate(model: torch.nn.Module, batches, augment: DeviceAugment, device: to
             "images": int(sums[3].item())}
 
 
-class FinetuneTrainer:
+class FinetuneTrainer(JobTrainer):
     """Holds the engine, the model EMA, the loaders and the run state."""
 
     def __init__(self, cfg: FinetuneConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        set_deterministic(cfg.run.deterministic)
-        self.info: DistInfo = init_distributed()
-        self.device = self.info.device
-        announce(cfg.run.name, self.info)
+        self.start(cfg, run_dir)
         model, pre, self.provenance = build_classifier(cfg)
-        self._resolve_from_pretraining(pre)
+        inherit_from_pretraining(cfg, pre)
         self.pre = pre
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
@@ -115,48 +106,22 @@ class FinetuneTrainer:
         self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
         self.ema = ShardedEMA(self.engine, ema_copy, "", self.dtype) if ema_copy else None
-        self.state = FinetuneState()
-        if resumed is not None:
-            self.state = FinetuneState(**resumed.load(self.engine, self.ema))
-            if self.info.is_main:
-                print(f"resumed from {resumed.describe()}", flush=True)
-        resized = resumed is not None and resumed.resized
+        resized = self.resume_state(resumed, FinetuneState)
         mean, std = cfg.data.mean, cfg.data.std
         transform = LabelledTransform(cfg.model.img_size, cfg.run.seed, cfg.augment, mean)
-        self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,  # type: ignore[arg-type]
-                                         state=None if resized else self.state.data, transform=transform)
-        if resized and self.state.data:
-            self.loader.start_at_next_epoch(self.state.data)
+        self.loader = self.train_loader(build_train_loader, resized, transform)
         self.schedules = Schedules(cfg, cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1))
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
         self.augment = DeviceAugment(cfg, mean, std, self.device)
         self.val_source = open_eval_source(cfg.data.val, cfg)  # type: ignore[arg-type]
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.peak = device_peak_tflops(cfg, self.device)
-        self.batches = DevicePrefetcher(self.loader, self.device, keys=("images", "labels"))
-        self.last_batch: dict[str, Any] = {}
-        self.poisoned = poisoned_batches(cfg.debug.nan_steps, self.accum, len(self.loader))
-        self.spikes = SpikeDetector(cfg.optim.spike_factor, cfg.optim.spike_window)
-        self.spikes.load_state_dict(self.state.recent_losses)
-        self.preemption = Preemption()
+        self.watch(device_keys=("images", "labels"))
 
     # -- build ------------------------------------------------------------------------------
-    def _resolve_from_pretraining(self, pre) -> None:
-        """Fill what the config leaves to the pre-training run: resolution, mean and std."""
-        if self.cfg.model.img_size is None:
-            self.cfg.model.img_size = pre.model.img_size
-        if self.cfg.data.mean is None:
-            self.cfg.data.mean = pre.data.mean
-        if self.cfg.data.std is None:
-            self.cfg.data.std = pre.data.std
-
     def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
         return resume_fingerprint(self.cfg, ("init", "model", "augment", "optim", "schedule", "ema"))
-
-    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Restore weights, model EMA and RNG from a checkpoint (a rewind); the saved run state."""
-        return ckpt.load_checkpoint(self.engine, self.ema, tag_dir, manifest)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
@@ -170,7 +135,7 @@ class FinetuneTrainer:
                 lr = self.schedules.lr(step)
                 set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
                 images, targets = self.augment(batch["images"], batch["labels"], batch["keys"])
-                if (batch["epoch"], batch["index"]) in self.poisoned:
+                if self.poisoned_batch(batch):
                     images = torch.full_like(images, float("nan"))  # the debug.nan_steps drill
                 loss = soft_cross_entropy(self.engine(images.to(self.dtype)), targets)
                 self.engine.backward(loss)
@@ -185,11 +150,7 @@ class FinetuneTrainer:
                 applied = self.engine.was_step_applied()
                 if applied and self.ema is not None:
                     self.ema.update(self.cfg.ema.decay)
-                self.state.step += 1
-                self.state.samples += self.cfg.data.global_batch_size
-                self.state.data = self.loader.position_after(batch)
-                self.state.skipped_in_row = 0 if applied else self.state.skipped_in_row + 1
-                self.state.skipped_total += 0 if applied else 1
+                self.count_step(batch, applied)
                 wait, self.batches.wait_s = self.batches.wait_s, 0.0
                 row = self._train_row(loss_sum / micro, faults, lr, step, time.perf_counter() - step_start, wait)
                 evaluated = self._maybe_evaluate(row)
@@ -276,20 +237,6 @@ class FinetuneTrainer:
         write_export(EncoderExport(model.encoder, pre, provenance, head=model.head, fc_norm=model.fc_norm),
                      out, force=True)
         (out / "metrics.json").write_text(json.dumps(provenance, indent=1) + "\n")
-
-    def _after_step(self, evaluated: bool) -> int | None:
-        status = stop_status(self)
-        step = self.state.step
-        if status is None and (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
-            self._save()
-        return status
-
-    def _save(self) -> None:
-        if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
-            return
-        self.state.recent_losses = self.spikes.state_dict()
-        ckpt.save_checkpoint(self.engine, self.ema, self.ckpt_dir, self.state.step, self.state.as_dict(),
-                             self._fingerprint(), self.cfg.checkpoint.keep_last, self.cfg.debug.slow_save_s)
 
 
 def _seed_process_rngs(seed: int) -> None:

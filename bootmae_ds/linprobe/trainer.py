@@ -31,30 +31,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import LinprobeConfig
+from ..config.common import inherit_from_pretraining
 from ..data import build_train_loader
 from ..data.labelled import eval_batches, open_eval_source
 from ..evaluation.features import Normalise
 from ..evaluation.lars import LARS
 from ..evaluation.linprobe import hits, probe_lr, scores
 from ..models.classifier import ProbeHead, ViTClassifier
-from ..runtime import checkpoint as ckpt
-from ..runtime.dist import DistInfo, init_distributed
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger
-from ..runtime.prefetch import DevicePrefetcher
-from ..runtime.recovery import SpikeDetector, watch
+from ..runtime.recovery import DataFaults, watch
 from ..runtime.run import (
     DTYPES,
-    Preemption,
     RunState,
-    announce,
     checkpoint_dir,
     resume_fingerprint,
     run_and_close,
     save_run_files,
     start_engine,
-    stop_status,
 )
+from ..runtime.trainer import JobTrainer
 from .data import ProbeTransform
 from .model import BEST, build_probe, check_labels, write_best
 
@@ -77,17 +73,14 @@ def head_ds_config(cfg: LinprobeConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-class LinprobeTrainer:
+class LinprobeTrainer(JobTrainer):
     """Holds the frozen probe, the head's engine, the loaders and the run state."""
 
     def __init__(self, cfg: LinprobeConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        self.info: DistInfo = init_distributed()
-        self.device = self.info.device
-        announce(cfg.run.name, self.info)
+        self.start(cfg, run_dir)
         probe, pre, self.provenance = build_probe(cfg)
         self.pre, self.depth = pre, len(probe.encoder.blocks)
-        self._resolve_from_pretraining(pre)
+        inherit_from_pretraining(cfg, pre)
         self.dtype = DTYPES[resolve_precision(cfg, self.info.accelerator)]  # of the frozen encoder
         self.ds_config = head_ds_config(cfg, self.info.world_size)
         self.accum = self.ds_config["gradient_accumulation_steps"]
@@ -103,19 +96,11 @@ class LinprobeTrainer:
                          momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
         self.engine, resumed = start_engine(head, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
-        self.state = ProbeState()
-        if resumed is not None:
-            self.state = ProbeState(**resumed.load(self.engine, None))
-            if self.info.is_main:
-                print(f"resumed from {resumed.describe()}", flush=True)
-        resized = resumed is not None and resumed.resized
+        resized = self.resume_state(resumed, ProbeState)
         d = cfg.data
         transform = ProbeTransform(cfg.model.img_size, cfg.run.seed, d.crop_scale, d.crop_ratio,  # type: ignore[arg-type]
                                    d.interpolation, d.hflip)
-        self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,  # type: ignore[arg-type]
-                                         state=None if resized else self.state.data, transform=transform)
-        if resized and self.state.data:
-            self.loader.start_at_next_epoch(self.state.data)
+        self.loader = self.train_loader(build_train_loader, resized, transform)
         self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         total = cfg.schedule.epochs * self.steps_per_epoch
         self.total_steps = min(total, max_steps or total)
@@ -123,36 +108,19 @@ class LinprobeTrainer:
         self.normalise = Normalise(d.mean, d.std, self.device, self.dtype)  # type: ignore[arg-type]
         self.val_source = open_eval_source(d.val, cfg)  # type: ignore[arg-type]
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
-        self.batches = DevicePrefetcher(self.loader, self.device, keys=("images", "labels"))
-        self.last_batch: dict[str, Any] = {}
-        self.spikes = SpikeDetector(cfg.optim.spike_factor, cfg.optim.spike_window)
-        self.spikes.load_state_dict(self.state.recent_losses)
-        self.preemption = Preemption()
+        self.watch(device_keys=("images", "labels"))
 
     # -- build ------------------------------------------------------------------------------
-    def _resolve_from_pretraining(self, pre) -> None:
-        """Fill what the config leaves to the pre-training run: resolution, mean and std."""
-        if self.cfg.model.img_size is None:
-            self.cfg.model.img_size = pre.model.img_size
-        if self.cfg.data.mean is None:
-            self.cfg.data.mean = pre.data.mean
-        if self.cfg.data.std is None:
-            self.cfg.data.std = pre.data.std
-
     def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
         d = self.cfg.data.model_dump(mode="json")
         augment = {k: d[k] for k in ("crop_scale", "crop_ratio", "interpolation", "hflip", "mean", "std")}
         return resume_fingerprint(self.cfg, ("mode", "init", "model", "optim", "schedule")) | {"augment": augment}
 
-    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Restore the head, LARS and RNG from a checkpoint (a rewind); the saved run state."""
-        return ckpt.load_checkpoint(self.engine, None, tag_dir, manifest)
-
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        loss_sum, micro = None, 0
+        loss_sum, micro, faults = None, 0, DataFaults()
         head: ProbeHead = self.engine.module
         optimizer: LARS = self.engine.optimizer
         step_start = time.perf_counter()
@@ -168,26 +136,25 @@ class LinprobeTrainer:
                 check_labels(labels, self.cfg.model.num_classes, batch["keys"])
                 with torch.no_grad():
                     features = self.probe.forward_pooled(self.normalise(batch["images"])).float()  # [B, D]
+                if self.poisoned_batch(batch):
+                    features = torch.full_like(features, float("nan"))  # the debug.nan_steps drill
                 sync_running_stats(head)
                 loss = F.cross_entropy(self.engine(features), labels)
                 self.engine.backward(loss)
                 loss_sum, micro = (loss.detach() if loss_sum is None else loss_sum + loss.detach()), micro + 1
+                faults.add(batch)
                 self.batches.prefetch()
                 before = self.engine.global_steps
                 self.engine.step()
                 if self.engine.global_steps == before:
                     continue
                 applied = not optimizer.last_step_skipped
-                self.state.step += 1
-                self.state.samples += self.cfg.data.global_batch_size
-                self.state.data = self.loader.position_after(batch)
-                self.state.skipped_in_row = 0 if applied else self.state.skipped_in_row + 1
-                self.state.skipped_total += 0 if applied else 1
+                self.count_step(batch, applied)
                 wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                row = self._train_row(loss_sum / micro, lr, step, time.perf_counter() - step_start, wait)
+                row = self._train_row(loss_sum / micro, faults, lr, step, time.perf_counter() - step_start, wait)
                 evaluated = self._maybe_evaluate(row)
                 self.metrics.log(self.state.step, row)
-                loss_sum, micro, step_start = None, 0, time.perf_counter()
+                loss_sum, micro, faults, step_start = None, 0, DataFaults(), time.perf_counter()
                 status = self._after_step(evaluated)
                 if status is not None:
                     return status
@@ -197,16 +164,19 @@ class LinprobeTrainer:
         self.metrics.close()
         return 0
 
-    def _train_row(self, loss: torch.Tensor, lr: float, step: int, elapsed: float, wait: float) -> dict[str, Any]:
-        t = loss.float().reshape(1)
-        dist.all_reduce(t)
+    def _train_row(self, loss: torch.Tensor, faults: DataFaults, lr: float, step: int, elapsed: float,
+                   wait: float) -> dict[str, Any]:
+        sums = torch.cat([loss.float().reshape(1), torch.tensor(faults.counts(), device=self.device)])
+        dist.all_reduce(sums)
+        loss_sum, *fault_counts = sums.tolist()  # the one read of the step's numbers
         rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
-        row = {"epoch": step // self.steps_per_epoch, "loss": t.item() / self.info.world_size, "lr": lr,
+        row = {"epoch": step // self.steps_per_epoch, "loss": loss_sum / self.info.world_size, "lr": lr,
                "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
                "samples_per_s": rate, "samples_per_s_per_device": rate / self.info.world_size,
                "step_time_s": elapsed, "data_wait_s": wait}
         if self.device.type == "cuda":
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        faults.report(row, fault_counts, self.info.is_main)
         watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
         return row
 
@@ -255,20 +225,6 @@ class LinprobeTrainer:
                           "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init",
                           "fingerprint": self.pre.fingerprint()}
             write_best(self.run_dir / BEST, self.export_probe, self.engine.module, self.pre, c, provenance)
-
-    def _after_step(self, evaluated: bool) -> int | None:
-        status = stop_status(self)
-        step = self.state.step
-        if status is None and (evaluated or step % self.cfg.checkpoint.every_steps == 0) and step < self.total_steps:
-            self._save()
-        return status
-
-    def _save(self) -> None:
-        if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
-            return
-        self.state.recent_losses = self.spikes.state_dict()
-        ckpt.save_checkpoint(self.engine, None, self.ckpt_dir, self.state.step, self.state.as_dict(),
-                             self._fingerprint(), self.cfg.checkpoint.keep_last)
 
 
 def sync_running_stats(head: ProbeHead) -> None:

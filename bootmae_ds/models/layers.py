@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-
 # Whether attention pads head dims to a multiple of 8: None = on CUDA only (where flash needs it);
 # True / False force it (tests compare both paths on the CPU).
 PAD_HEAD_DIM: bool | None = None

@@ -20,26 +20,19 @@ from ..config import BootMAEConfig
 from ..data import build_train_loader
 from ..interop.pretrain_init import initial_weights
 from ..models import BootMAE, build_model, mask_to_ids
-from ..runtime import checkpoint as ckpt
-from ..runtime.dist import DistInfo, init_distributed
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import build_optimizer, set_hyperparameters
-from ..runtime.prefetch import DevicePrefetcher
-from ..runtime.recovery import DataFaults, SpikeDetector, poisoned_batches, watch
+from ..runtime.recovery import DataFaults, watch
 from ..runtime.run import (
     DTYPES,
-    Preemption,
-    RunState,
-    announce,
     checkpoint_dir,
     resume_fingerprint,
-    set_deterministic,
     run_and_close,
     save_run_files,
     start_engine,
-    stop_status,
 )
+from ..runtime.trainer import JobTrainer
 from .flops import flops_per_image, training_flops_per_image
 from .losses import feature_loss, pixel_loss
 from .preview import reconstruction_grid
@@ -64,15 +57,12 @@ class StepStats:
         self.micro += 1
 
 
-class Trainer:
-    """Holds the engine, the teacher, the loader and the run state."""
+class Trainer(JobTrainer):
+    """Holds the engine, the teacher (``ema``: the sharded momentum encoder, or a frozen one),
+    the loader and the run state."""
 
     def __init__(self, cfg: BootMAEConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        set_deterministic(cfg.run.deterministic)
-        self.info: DistInfo = init_distributed()
-        self.device = self.info.device
-        announce(cfg.run.name, self.info)
+        self.start(cfg, run_dir)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
         torch.manual_seed(cfg.run.seed)
@@ -90,19 +80,11 @@ class Trainer:
         self.engine, resumed = start_engine(self.model, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size,
                                             cfg.checkpoint.allow_resize)
-        self.momentum = build_teacher(cfg, self.engine, teacher, self.precision, self.device)
+        self.ema = build_teacher(cfg, self.engine, teacher, self.precision, self.device)
         if self.init is not None:  # fp32 masters and momentum encoder from init.source (not on resume)
-            self.init.start(self.engine, self.momentum, resumed)
-        self.state = RunState()
-        if resumed is not None:
-            self.state = RunState(**resumed.load(self.engine, self.momentum))
-            if self.info.is_main:
-                print(f"resumed from {resumed.describe()}", flush=True)
-        resized = resumed is not None and resumed.resized
-        self.loader = build_train_loader(cfg, rank=self.info.rank, world_size=self.info.world_size,
-                                         state=None if resized else self.state.data)
-        if resized and self.state.data:  # the sample layout changed: continue at an epoch boundary
-            self.loader.start_at_next_epoch(self.state.data)
+            self.init.start(self.engine, self.ema, resumed)
+        resized = self.resume_state(resumed)
+        self.loader = self.train_loader(build_train_loader, resized)
         steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         self.schedules = PretrainSchedules(cfg, steps_per_epoch)
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
@@ -118,21 +100,13 @@ class Trainer:
 
             lg = cfg.logging
             self.knn = KnnMonitor(cfg, lg.knn_bank, lg.knn_queries, lg.knn_bank_limit, lg.knn_query_limit)
-        self.batches = DevicePrefetcher(self.loader, self.device, keys=("images", "masks"))
-        self.last_batch: dict[str, Any] = {}
-        self.poisoned = poisoned_batches(cfg.debug.nan_steps, self.accum, len(self.loader))
-        self.spikes = SpikeDetector(cfg.optim.spike_factor, cfg.optim.spike_window)
-        self.spikes.load_state_dict(self.state.recent_losses)
-        self.preemption = Preemption()
+        self.watch(device_keys=("images", "masks"))
 
     # -- build ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
         return resume_fingerprint(self.cfg, ("model", "mask", "loss", "momentum", "optim", "schedule"))
 
-    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Restore weights, teacher and RNG from a checkpoint (a rewind); the saved run state."""
-        return ckpt.load_checkpoint(self.engine, self.momentum, tag_dir, manifest)
 
     # -- one micro-batch ----------------------------------------------------------------------
     def _micro_step(self, batch: dict[str, Any], stats: StepStats, feature_weight: float) -> None:
@@ -140,17 +114,17 @@ class Trainer:
         images, mask = batch["images"], batch["masks"]  # on the device already (DevicePrefetcher)
         mean, std = self.norm
         x = (images.float() - mean) / std  # normalisation on the device, uint8 over the wire
-        if (batch["epoch"], batch["index"]) in self.poisoned:
+        if self.poisoned_batch(batch):
             x = torch.full_like(x, float("nan"))  # the debug.nan_steps drill
         out = self.engine(x.to(self.dtype), mask)
         loss_pix = pixel_loss(out.pixels, x, mask, patch_size=cfg.model.patch_size,
                               weighted=cfg.loss.weighted_mask, norm=cfg.loss.pixel_norm, eps=cfg.loss.pixel_norm_eps)
         loss = loss_pix
         loss_feat = torch.zeros((), device=self.device)
-        if self.momentum is not None:
+        if self.ema is not None:
             subset = self._teacher_subset(mask, batch["index"]) if cfg.momentum.input_fraction < 1 else None
             with torch.no_grad():
-                targets = self.momentum.target.target_features(x.to(self.momentum.dtype), subset)
+                targets = self.ema.target.target_features(x.to(self.ema.dtype), subset)
             loss_feat = feature_loss(out.features, targets, mask, weighted=cfg.loss.weighted_mask,
                                      eps=cfg.loss.feature_norm_eps, subset=subset)
             loss = loss + feature_weight * loss_feat
@@ -189,16 +163,12 @@ class Trainer:
                     continue  # inside gradient accumulation
                 applied = self.engine.was_step_applied()
                 ema_start = time.perf_counter()
-                if applied and self.momentum is not None:
-                    self.momentum.update(self.schedules.momentum(step))
-                    self.momentum.gather()
+                if applied and self.ema is not None:
+                    self.ema.update(self.schedules.momentum(step))
+                    self.ema.gather()
                 stats.ema = time.perf_counter() - ema_start
                 stats.data_wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                self.state.step += 1
-                self.state.samples += self.cfg.data.global_batch_size
-                self.state.data = self.loader.position_after(batch)
-                self.state.skipped_in_row = 0 if applied else self.state.skipped_in_row + 1
-                self.state.skipped_total += 0 if applied else 1
+                self.count_step(batch, applied)
                 elapsed = time.perf_counter() - step_start
                 self._log(stats, lr, wd, step, elapsed)
                 stats, step_start = StepStats(), time.perf_counter()
@@ -210,20 +180,6 @@ class Trainer:
         self._save()
         self.metrics.close()
         return 0
-
-    def _after_step(self) -> int | None:
-        status = stop_status(self)
-        if status is None and self.state.step % self.cfg.checkpoint.every_steps == 0 \
-                and self.state.step < self.total_steps:
-            self._save()
-        return status
-
-    def _save(self) -> None:
-        if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
-            return
-        self.state.recent_losses = self.spikes.state_dict()
-        ckpt.save_checkpoint(self.engine, self.momentum, self.ckpt_dir, self.state.step, self.state.as_dict(),
-                             self._fingerprint(), self.cfg.checkpoint.keep_last, self.cfg.debug.slow_save_s)
 
     def _log(self, stats: StepStats, lr: float, wd: float, step: int, elapsed: float) -> None:
         n = max(stats.micro, 1)
@@ -255,8 +211,8 @@ class Trainer:
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             row["memory_gb"] = psutil.Process().memory_info().rss / 2**30
-        if self.momentum is not None and hasattr(self.momentum, "local_bytes"):
-            row["ema_bytes_per_rank"] = self.momentum.local_bytes
+        if self.ema is not None and hasattr(self.ema, "local_bytes"):
+            row["ema_bytes_per_rank"] = self.ema.local_bytes
         self.metrics.log(self.state.step, row)
         if self.info.is_main and stats.last and self.state.step % self.cfg.logging.preview_every_steps == 0:
             last = stats.last

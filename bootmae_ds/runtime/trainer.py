@@ -1,0 +1,100 @@
+"""The part of a trainer that every job shares, so that each job's trainer reads as its own story
+(build, resume, loop, log, checkpoint) and does the common steps the same way.
+
+A job's trainer subclasses :class:`JobTrainer`, calls :meth:`start` first and the other builders
+as its ``__init__`` reaches them, and defines ``_fingerprint()``. The attributes it builds and
+this class uses: ``cfg``, ``run_dir``, ``info``, ``device``, ``engine``, ``ema`` (what is saved
+beside the engine: pre-training's teacher, fine-tuning's model EMA, or None), ``ckpt_dir``,
+``accum``, ``state``, ``loader``, ``metrics``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from . import checkpoint as ckpt
+from .dist import DistInfo, init_distributed
+from .prefetch import DevicePrefetcher
+from .recovery import SpikeDetector, poisoned_batches
+from .run import Preemption, Resume, RunState, announce, set_deterministic, stop_status
+
+
+class JobTrainer:
+    """Start-up, resume, the bookkeeping of an applied step, stopping and saving."""
+
+    ema: Any = None
+    state: RunState
+
+    def start(self, cfg: Any, run_dir: Path) -> None:
+        """Determinism, the distributed set-up and the start-up line, before anything else."""
+        self.cfg, self.run_dir = cfg, run_dir
+        set_deterministic(cfg.run.deterministic)
+        self.info: DistInfo = init_distributed()
+        self.device = self.info.device
+        announce(cfg.run.name, self.info)
+
+    def resume_state(self, resumed: Resume | None, state_class: type[RunState] = RunState) -> bool:
+        """``self.state`` from the checkpoint ``resumed`` (a fresh one without); whether the
+        checkpoint came from another world size (the data then restarts at an epoch boundary)."""
+        self.state = state_class()
+        if resumed is None:
+            return False
+        self.state = state_class(**resumed.load(self.engine, self.ema))
+        if self.info.is_main:
+            print(f"resumed from {resumed.describe()}", flush=True)
+        return resumed.resized
+
+    def train_loader(self, build: Callable[..., Any], resized: bool, transform: Callable | None = None) -> Any:
+        """This rank's training loader (``bootmae_ds.data.build_train_loader``, handed in: the run
+        machinery does not know the data layer) at the run state's data position."""
+        loader = build(self.cfg, rank=self.info.rank, world_size=self.info.world_size,
+                       state=None if resized else self.state.data, transform=transform)
+        if resized and self.state.data:  # the sample layout changed: continue at an epoch boundary
+            loader.start_at_next_epoch(self.state.data)
+        return loader
+
+    def watch(self, device_keys: tuple[str, ...]) -> None:
+        """The device prefetcher, the NaN drill, the spike detector and the signal handlers."""
+        self.batches = DevicePrefetcher(self.loader, self.device, keys=device_keys)
+        self.last_batch: dict[str, Any] = {}
+        self.poisoned = poisoned_batches(self.cfg.debug.nan_steps, self.accum, len(self.loader))
+        self.spikes = SpikeDetector(self.cfg.optim.spike_factor, self.cfg.optim.spike_window)
+        self.spikes.load_state_dict(self.state.recent_losses)
+        self.preemption = Preemption()
+
+    def poisoned_batch(self, batch: dict[str, Any]) -> bool:
+        """Whether the ``debug.nan_steps`` drill poisons this micro-batch's inputs."""
+        return (batch["epoch"], batch["index"]) in self.poisoned
+
+    def count_step(self, batch: dict[str, Any], applied: bool) -> None:
+        """The run state after an optimizer step that consumed up to ``batch``."""
+        s = self.state
+        s.step += 1
+        s.samples += self.cfg.data.global_batch_size
+        s.data = self.loader.position_after(batch)
+        s.skipped_in_row = 0 if applied else s.skipped_in_row + 1
+        s.skipped_total += 0 if applied else 1
+
+    def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Restore weights, EMA and RNG from a checkpoint (a rewind); the saved run state."""
+        return ckpt.load_checkpoint(self.engine, self.ema, tag_dir, manifest)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _save(self) -> None:
+        if ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
+            return
+        self.state.recent_losses = self.spikes.state_dict()
+        ckpt.save_checkpoint(self.engine, self.ema, self.ckpt_dir, self.state.step, self.state.as_dict(),
+                             self._fingerprint(), self.cfg.checkpoint.keep_last, self.cfg.debug.slow_save_s)
+
+    def _after_step(self, evaluated: bool = False) -> int | None:
+        """Stop (non-finite, preempted), rewind, or save when it is time; the exit status or None."""
+        status = stop_status(self)
+        step = self.state.step
+        due = evaluated or step % self.cfg.checkpoint.every_steps == 0
+        if status is None and due and step < self.total_steps:
+            self._save()
+        return status
