@@ -48,6 +48,17 @@ def fail(field: str, value: Any, rule: str) -> None:
     raise ValueError(f"{field}={value!r}: {rule}")
 
 
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a dumped config) as ``{"section.key": value}``, the keys overrides use."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def available_presets(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 

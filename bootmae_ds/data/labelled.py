@@ -109,9 +109,8 @@ class LabelledImages:
 def open_eval_source(spec: str, cfg: BootMAEConfig) -> Source:
     """``demo`` / ``demo-test`` (the digits' splits) or anything ``data.train`` accepts."""
     from bootmae_ds.data.demo import ensure_demo_shards
-    from bootmae_ds.data.loader import open_source
     from bootmae_ds.data.shards import MANIFEST_NAME
-    from bootmae_ds.data.sources import TarSource
+    from bootmae_ds.data.sources import TarSource, open_source
 
     if spec in ("demo", "demo-test"):
         split = "train" if spec == "demo" else "test"

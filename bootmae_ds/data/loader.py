@@ -47,7 +47,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,8 +55,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bootmae_ds.config import BootMAEConfig
 from bootmae_ds.data import plan
 from bootmae_ds.data.seeds import mix_seed
-from bootmae_ds.data.shards import MANIFEST_NAME, ShardError
-from bootmae_ds.data.sources import FolderSource, RawSample, Source, SyntheticSource, TarSource
+from bootmae_ds.data.shards import ShardError
+from bootmae_ds.data.sources import RawSample, Source, open_source
 from bootmae_ds.data.transforms import SampleTransform
 
 log = logging.getLogger("bootmae_ds.data")
@@ -376,31 +375,6 @@ class TrainLoader:
                                 "and rebuild it", name)
             yield batch
         self.epoch, self.batches = self.epoch + 1, 0
-
-
-def open_source(cfg: BootMAEConfig) -> Source:
-    """The sample source named by ``cfg.data.train``."""
-    d = cfg.data
-    spec = d.train
-    if spec == "demo":
-        from bootmae_ds.data.demo import ensure_demo_shards
-
-        return TarSource.from_manifest(ensure_demo_shards(d.cache_dir) / "train" / MANIFEST_NAME)
-    if spec == "synthetic":
-        return SyntheticSource(d.num_samples or 1024, cfg.model.img_size, seed=cfg.run.seed)
-    if spec.endswith(".json"):
-        return TarSource.from_manifest(spec, d.shard_url_template)
-    path = Path(spec)
-    if path.is_dir():
-        if (path / MANIFEST_NAME).is_file():
-            return TarSource.from_manifest(path / MANIFEST_NAME, d.shard_url_template)
-        return FolderSource(path, seed=cfg.run.seed)
-    if "{" in spec or spec.startswith("pipe:") or spec.endswith(".tar") or "://" in spec:
-        return TarSource.from_urls(spec, d.num_samples)
-    raise ShardError(
-        f"data.train={spec!r}: not 'demo', 'synthetic', a manifest.json, a shard URL "
-        f"list, or an existing directory"
-    )
 
 
 def build_train_loader(

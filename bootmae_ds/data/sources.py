@@ -20,10 +20,19 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from bootmae_ds.data import plan
 from bootmae_ds.data.seeds import mix_seed
-from bootmae_ds.data.shards import Manifest, ShardError, image_member, make_key, split_member
+from bootmae_ds.data.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardError,
+    image_member,
+    make_key,
+    split_member,
+)
 
 if TYPE_CHECKING:  # torch is imported lazily: the shard builder imports this module
     import torch
+
+    from bootmae_ds.config import BootMAEConfig
 
 log = logging.getLogger("bootmae_ds.data")
 
@@ -201,6 +210,31 @@ def _to_sample(key: str, parts: dict[str, bytes], shard_name: str, origin: str) 
             key, None, label, f"{shard_name}: sample {key} lacks an image or .cls member", origin
         )
     return RawSample(key, parts[ext], label, None, origin)
+
+
+def open_source(cfg: BootMAEConfig) -> Source:
+    """The sample source named by ``cfg.data.train``."""
+    d = cfg.data
+    spec = d.train
+    if spec == "demo":
+        from bootmae_ds.data.demo import ensure_demo_shards
+
+        return TarSource.from_manifest(ensure_demo_shards(d.cache_dir) / "train" / MANIFEST_NAME)
+    if spec == "synthetic":
+        return SyntheticSource(d.num_samples or 1024, cfg.model.img_size, seed=cfg.run.seed)
+    if spec.endswith(".json"):
+        return TarSource.from_manifest(spec, d.shard_url_template)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return TarSource.from_manifest(path / MANIFEST_NAME, d.shard_url_template)
+        return FolderSource(path, seed=cfg.run.seed)
+    if "{" in spec or spec.startswith("pipe:") or spec.endswith(".tar") or "://" in spec:
+        return TarSource.from_urls(spec, d.num_samples)
+    raise ShardError(
+        f"data.train={spec!r}: not 'demo', 'synthetic', a manifest.json, a shard URL "
+        f"list, or an existing directory"
+    )
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -29,7 +29,7 @@ from ..models.classifier import ViTClassifier
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import adamw, layer_decay_groups, set_hyperparameters
-from ..runtime.recovery import DataFaults, watch
+from ..runtime.recovery import DataFaults
 from ..runtime.run import (
     DTYPES,
     RunState,
@@ -167,20 +167,8 @@ class FinetuneTrainer(JobTrainer):
 
     def _train_row(self, loss: torch.Tensor, faults: DataFaults, lr: float, step: int, elapsed: float,
                    wait: float) -> dict[str, Any]:
-        sums = torch.cat([loss.float().reshape(1), torch.tensor(faults.counts(), device=self.device)])
-        dist.all_reduce(sums)
-        loss_sum, *fault_counts = sums.tolist()  # the one read of the step's numbers
-        rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
-        row = {"epoch": self.schedules.epoch(step), "loss": loss_sum / self.info.world_size, "lr": lr,
-               "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-               "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
-               "samples_per_s": rate, "samples_per_s_per_device": rate / self.info.world_size,
-               "step_time_s": elapsed, "data_wait_s": wait}
-        if self.device.type == "cuda":
-            row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        faults.report(row, fault_counts, self.info.is_main)
-        watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
-        return row
+        row = self.step_row({"loss": loss}, faults, self.schedules.epoch(step), lr, elapsed, wait)
+        return row | {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
 
     def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
         """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""

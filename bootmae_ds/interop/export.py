@@ -100,8 +100,10 @@ def timm_config(exp: EncoderExport) -> dict[str, Any]:
         "bootmae": {
             **exp.provenance,
             "names": {
-                "norm": "our final LayerNorm (on every token) is timm's fc_norm (after mean pooling); "
-                        "fc_norm(forward_features(x)) gives our normalised tokens",
+                "norm": ("the classifier's own LayerNorm of the pooled tokens is timm's fc_norm"
+                         if exp.fc_norm is not None else
+                         "our final LayerNorm (on every token) is timm's fc_norm (after mean pooling); "
+                         "fc_norm(forward_features(x)) gives our normalised tokens"),
                 "blocks.*.attn.qkv.bias": "our q_bias and v_bias with a zero k part between them",
                 "pos_embed": "our fixed 2-D sin-cos table (zero cls slot); timm's is learnable",
                 "data.mean/std": "pretrained_cfg.mean/std"},

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
-import torch.distributed as dist
 
 from ..config import BootMAEConfig
 from ..data import build_train_loader
@@ -23,7 +21,7 @@ from ..models import BootMAE, build_model, mask_to_ids
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import build_optimizer, set_hyperparameters
-from ..runtime.recovery import DataFaults, watch
+from ..runtime.recovery import DataFaults
 from ..runtime.run import (
     DTYPES,
     checkpoint_dir,
@@ -182,35 +180,19 @@ class Trainer(JobTrainer):
         return 0
 
     def _log(self, stats: StepStats, lr: float, wd: float, step: int, elapsed: float) -> None:
-        n = max(stats.micro, 1)
-        sums = torch.cat([stats.losses / n, torch.tensor(stats.faults.counts(), device=self.device)])
-        dist.all_reduce(sums)
-        world = self.info.world_size
-        loss, pixel, feature, *faults = sums.tolist()  # the one read of the step's numbers
-        rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
-        row = {
-            "epoch": self.schedules.epoch(step), "loss": loss / world,
-            "loss_pixel": pixel / world, "loss_feature": feature / world,
-            "lr": lr, "weight_decay": wd, "momentum": self.schedules.momentum(step),
-            "feature_weight": self.schedules.feature_weight(step),
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
-            "samples_per_s": rate, "samples_per_s_per_device": rate / world,
-            "step_time_s": elapsed, "data_wait_s": stats.data_wait, "ema_update_s": stats.ema,
-        }
-        stats.faults.report(row, faults, self.info.is_main)
-        watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
+        means = stats.losses / max(stats.micro, 1)
+        row = self.step_row({"loss": means[0], "loss_pixel": means[1], "loss_feature": means[2]}, stats.faults,
+                            self.schedules.epoch(step), lr, elapsed, stats.data_wait)
+        row |= {"weight_decay": wd, "momentum": self.schedules.momentum(step),
+                "feature_weight": self.schedules.feature_weight(step),
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "ema_update_s": stats.ema}
         if self.peak:
-            row["mfu"] = rate / world * self.flops / (self.peak * 1e12)
+            row["mfu"] = row["samples_per_s_per_device"] * self.flops / (self.peak * 1e12)
         every = self.cfg.logging.knn_every_steps
         if self.knn is not None and (self.state.step % every == 0 or self.state.step == self.total_steps):
             # rank 0 only; the other ranks wait for it in the next collective
             scores = self.knn(self.engine.module.encoder)
             row["knn_top1"], row["knn_top5"] = scores["top1"], scores["top5"]
-        if self.device.type == "cuda":
-            row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:
-            row["memory_gb"] = psutil.Process().memory_info().rss / 2**30
         if self.ema is not None and hasattr(self.ema, "local_bytes"):
             row["ema_bytes_per_rank"] = self.ema.local_bytes
         self.metrics.log(self.state.step, row)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import InputError
+from ..config.base import dotted
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -88,16 +89,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "accelerator" in state:
         get_accelerator().set_rng_state(state["accelerator"])
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -353,7 +344,7 @@ def validate_checkpoint(tag_dir: Path, config: dict[str, Any], world_size: int,
     if problem:
         raise CheckpointError(f"{problem}; resume from an older checkpoint with --resume PATH")
     manifest = json.loads((tag_dir / MANIFEST).read_text())
-    saved, now = _flatten(manifest["config"]), _flatten(config)
+    saved, now = dotted(manifest["config"]), dotted(config)
     differ = sorted(k for k in saved if saved[k] != now.get(k))
     if differ:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:10])

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..config import InputError
+from ..config.base import dotted
 
 EVAL_PREFIXES = ("knn_", "eval_")
 IDS_FILE = "trackers.json"
@@ -55,16 +56,6 @@ def check_available(trackers: list[str]) -> None:
 def numbers(row: dict[str, Any]) -> dict[str, float]:
     """The scalars of a metrics row (what every tracker logs)."""
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class RunIds:
@@ -179,7 +170,7 @@ class MlflowTracker(Tracker):
             run_id = self.client.create_run(exp_id, run_name=name).info.run_id
             # params are immutable in MLflow: logged once, when the run is created
             params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                      for k, v in flatten(config).items()]
+                      for k, v in dotted(config).items()]
             for i in range(0, len(params), 100):  # MLflow's batch limit
                 self.client.log_batch(run_id, params=params[i: i + 100])
         else:

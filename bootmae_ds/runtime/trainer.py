@@ -13,10 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
+import torch
+import torch.distributed as dist
+
 from . import checkpoint as ckpt
 from .dist import DistInfo, init_distributed
 from .prefetch import DevicePrefetcher
-from .recovery import SpikeDetector, poisoned_batches
+from .recovery import DataFaults, SpikeDetector, poisoned_batches, watch
 from .run import Preemption, Resume, RunState, announce, set_deterministic, stop_status
 
 
@@ -75,6 +79,29 @@ class JobTrainer:
         s.data = self.loader.position_after(batch)
         s.skipped_in_row = 0 if applied else s.skipped_in_row + 1
         s.skipped_total += 0 if applied else 1
+
+    def step_row(self, losses: dict[str, torch.Tensor], faults: DataFaults, epoch: int, lr: float,
+                 elapsed: float, wait: float) -> dict[str, Any]:
+        """The metrics row of an optimizer step: ``losses`` (this rank's means, on the device) and
+        the damaged-data counts averaged and summed over ranks in one all-reduce (the one read
+        of the step's numbers), throughput, memory, damaged data, spikes and rewinds."""
+        sums = torch.cat([torch.stack([v.float().reshape(()) for v in losses.values()]),
+                          torch.tensor(faults.counts(), device=self.device)])
+        dist.all_reduce(sums)
+        values = sums.tolist()
+        world = self.info.world_size
+        rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
+        row = {"epoch": epoch, **{k: v / world for k, v in zip(losses, values)}, "lr": lr,
+               "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
+               "samples_per_s": rate, "samples_per_s_per_device": rate / world,
+               "step_time_s": elapsed, "data_wait_s": wait}
+        if self.device.type == "cuda":
+            row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            row["memory_gb"] = psutil.Process().memory_info().rss / 2**30
+        faults.report(row, values[len(losses):], self.info.is_main)
+        watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
+        return row
 
     def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         """Restore weights, EMA and RNG from a checkpoint (a rewind); the saved run state."""
