@@ -112,7 +112,6 @@ def free_port() -> int:
 # -- the parts ---------------------------------------------------------------------------------
 def env_part(run: Run) -> dict:
     import torch
-
     from step import DTYPES, matmul_peak
 
     cuda = torch.cuda.is_available()
