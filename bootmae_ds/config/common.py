@@ -70,6 +70,26 @@ class DataConfig(Section):
         return self.global_batch_size // per_step
 
 
+class LabelledDataConfig(DataConfig):
+    """Labelled training images (shards with labels, or an ImageFolder) and the held-out set, for
+    the jobs that classify (fine-tuning, probing)."""
+
+    val: str = Field("demo-test", description="Labelled evaluation images: 'demo-test', a manifest.json, "
+                     "a shard URL list or an ImageFolder directory.")
+    val_limit: int | None = Field(None, ge=1, description="Evaluate on the first N images; null = all.")
+    eval_batch_size: int = Field(256, ge=1, description="Images per device per evaluation forward.")
+    mean: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
+        None, description="Normalisation mean; null = the pre-training run's.")
+    std: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
+        None, description="Normalisation std; null = the pre-training run's.")
+
+
+class EvalConfig(Section):
+    """When the held-out set is evaluated."""
+
+    every_epochs: int = Field(1, ge=1, description="Evaluate (and checkpoint) every N epochs and at the end.")
+
+
 class CheckpointConfig(Section):
     """When and where checkpoints are written."""
 

@@ -19,9 +19,10 @@ from pydantic import Field, model_validator
 from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
 from .common import (
     CheckpointConfig,
-    DataConfig,
     DebugConfig,
+    EvalConfig,
     InitConfig,
+    LabelledDataConfig,
     LoggingConfig,
     NonfiniteGuard,
     RunConfig,
@@ -108,25 +109,11 @@ class ModelEmaConfig(Section):
     decay: float = Field(0.9998, gt=0, lt=1, description="EMA decay per optimizer step.")
 
 
-class FinetuneDataConfig(DataConfig):
-    """Labelled training images (shards with labels, or an ImageFolder) and the evaluation set."""
+class FinetuneDataConfig(LabelledDataConfig):
+    """Labelled training images and the evaluation set, at the official fine-tuning batch."""
 
-    val: str = Field("demo-test", description="Labelled evaluation images: 'demo-test', a manifest.json, "
-                     "a shard URL list or an ImageFolder directory.")
-    val_limit: int | None = Field(None, ge=1, description="Evaluate on the first N images; null = all.")
-    eval_batch_size: int = Field(256, ge=1, description="Images per device per evaluation forward.")
     micro_batch_size: int = Field(256, ge=1, description="Images per device per forward (official: 256).")
     global_batch_size: int = Field(2048, ge=1, description="Images per optimizer step over all devices.")
-    mean: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
-        None, description="Normalisation mean; null = the pre-training run's.")
-    std: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
-        None, description="Normalisation std; null = the pre-training run's.")
-
-
-class FinetuneEvalConfig(Section):
-    """When the held-out set is evaluated."""
-
-    every_epochs: int = Field(1, ge=1, description="Evaluate (and checkpoint) every N epochs and at the end.")
 
 
 class FinetuneConfig(Tree):
@@ -139,7 +126,7 @@ class FinetuneConfig(Tree):
     schedule: FinetuneScheduleConfig = Field(default_factory=FinetuneScheduleConfig, description="Schedule.")
     ema: ModelEmaConfig = Field(default_factory=ModelEmaConfig, description="Model EMA.")
     data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Data.")
-    eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="Evaluation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="finetune"), description="Run identity.")

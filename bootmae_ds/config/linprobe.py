@@ -20,9 +20,10 @@ from pydantic import Field, model_validator
 from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
 from .common import (
     CheckpointConfig,
-    DataConfig,
     DebugConfig,
+    EvalConfig,
     InitConfig,
+    LabelledDataConfig,
     LoggingConfig,
     NonfiniteGuard,
     RunConfig,
@@ -68,29 +69,15 @@ class ProbeScheduleConfig(Section):
         return self
 
 
-class ProbeDataConfig(DataConfig):
+class ProbeDataConfig(LabelledDataConfig):
     """Labelled training images (RandomResizedCrop + flip every step) and the held-out set."""
 
-    val: str = Field("demo-test", description="Labelled evaluation images: 'demo-test', a manifest.json, "
-                     "a shard URL list or an ImageFolder directory.")
-    val_limit: int | None = Field(None, ge=1, description="Evaluate on the first N images; null = all.")
-    eval_batch_size: int = Field(256, ge=1, description="Images per device per evaluation forward.")
     eval_crop_pct: float = Field(0.875, gt=0, le=1, description="Eval: resize to size/crop_pct (bicubic), "
                                  "centre crop (official: 256 -> 224).")
     micro_batch_size: int = Field(1024, ge=1, description="Images per device per forward.")
     global_batch_size: int = Field(16384, ge=1, description="Images per optimizer step over all devices.")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop scale (official: "
                                             "torchvision's default).")
-    mean: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
-        None, description="Normalisation mean; null = the pre-training run's.")
-    std: tuple[float, float, float] | None = Field(  # type: ignore[assignment]
-        None, description="Normalisation std; null = the pre-training run's.")
-
-
-class ProbeEvalConfig(Section):
-    """When the held-out set is evaluated."""
-
-    every_epochs: int = Field(1, ge=1, description="Evaluate (and checkpoint) every N epochs and at the end.")
 
 
 class LinprobeConfig(Tree):
@@ -106,7 +93,7 @@ class LinprobeConfig(Tree):
     optim: ProbeOptimConfig = Field(default_factory=ProbeOptimConfig, description="Optimizer.")
     schedule: ProbeScheduleConfig = Field(default_factory=ProbeScheduleConfig, description="Schedule.")
     data: ProbeDataConfig = Field(default_factory=ProbeDataConfig, description="Data.")
-    eval: ProbeEvalConfig = Field(default_factory=ProbeEvalConfig, description="Evaluation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="linprobe"), description="Run identity.")
