@@ -144,7 +144,7 @@ def start_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine, (Resume(tag_dir, manifest, resized) if tag_dir is not None else None)
 
 
-def stop_status(trainer: Any, skipped_in_row: int | None = None) -> int | None:
+def stop_status(trainer: Any) -> int | None:
     """The exit status when a trainer must stop after this step, else None.
 
     After more than ``optim.max_skipped_in_row`` non-finite steps in a row: with
@@ -154,14 +154,13 @@ def stop_status(trainer: Any, skipped_in_row: int | None = None) -> int | None:
     ``trainer`` has ``cfg``, ``info``, ``state``, ``ckpt_dir``, ``metrics``, ``preemption``,
     ``device`` and ``_save()``; rewinding also needs ``loader``, ``last_batch`` (the micro-batch
     consumed last), ``_fingerprint()`` and ``_load(tag_dir, manifest)`` (restore weights, EMA and
-    RNG; returns the saved run state). ``skipped_in_row`` defaults to
-    ``trainer.state.skipped_in_row``; only then can the trainer be rewound.
+    RNG; returns the saved run state).
     """
     state, optim = trainer.state, trainer.cfg.optim
-    in_row = state.skipped_in_row if skipped_in_row is None else skipped_in_row
+    in_row = state.skipped_in_row
     if in_row > optim.max_skipped_in_row:
         rewinds_left = optim.on_nonfinite == "rewind" and len(state.rewinds) < optim.max_rewinds
-        if rewinds_left and skipped_in_row is None and rewind(trainer):
+        if rewinds_left and rewind(trainer):
             return None
         if trainer.info.is_main:
             why = (f"after {len(state.rewinds)} rewind(s), the most optim.max_rewinds allows"
