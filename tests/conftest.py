@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,3 +47,30 @@ def tiny_config(*overrides: str) -> BootMAEConfig:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+# -- one demo pre-training run for every downstream job's tests --------------------------------
+# A 2-rank DeepSpeed run of 3 steps on the demo digits (2 blocks): what fine-tuning, segmentation
+# and detection start from (``init.source=<run>``). Made once per session; read it, never write it.
+DEMO_PRETRAIN = ["--config", "demo", "--max-steps", "3", "--set", "model.depth=2",
+                 "model.feature_decoder.context_block=1", "data.micro_batch_size=8", "data.global_batch_size=16",
+                 "data.num_workers=1"]
+
+
+def _shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+@pytest.fixture(scope="session")
+def demo_pretrain_run(tmp_path_factory) -> Path:
+    """The run directory of a finished 3-step, 2-rank demo pre-training (checkpoint ``step_00000003``).
+
+    ``shm_left.json`` beside it lists the DeepSpeed shared-memory buffers the run left behind."""
+    from distributed import deepspeed_cmd, run
+
+    out = tmp_path_factory.mktemp("demo_pretrain") / "run"
+    before = _shm_buffers()
+    proc = run(deepspeed_cmd("launchers/pretrain.py", "--output-dir", str(out), *DEMO_PRETRAIN))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (out / "shm_left.json").write_text(json.dumps(sorted(_shm_buffers() - before)))
+    return out

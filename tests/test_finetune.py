@@ -23,8 +23,6 @@ from bootmae_ds.finetune.augment import DeviceAugment
 from bootmae_ds.models import ViTClassifier, build_model
 from bootmae_ds.runtime.optim import layer_decay_groups
 
-PRETRAIN = ["--config", "demo", "--max-steps", "3", "--set", "model.depth=2", "model.feature_decoder.context_block=1",
-            "data.micro_batch_size=8", "data.global_batch_size=16", "data.num_workers=1"]
 FINETUNE = ["--config", "demo", "--set", "schedule.steps_per_epoch=4", "schedule.epochs=3", "data.micro_batch_size=8",
             "data.global_batch_size=16", "data.num_workers=1", "data.val_limit=120", "logging.every_steps=1"]
 
@@ -144,18 +142,9 @@ def test_bad_finetune_config_names_the_field():
 
 
 # -- real runs ---------------------------------------------------------------------------------
-def _shm_buffers() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
-
-
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "pre"
-    before = _shm_buffers()
-    proc = run(deepspeed_cmd("launchers/pretrain.py", "--output-dir", str(out), *PRETRAIN))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (out / "shm_left.json").write_text(json.dumps(sorted(_shm_buffers() - before)))
-    return out
+def pretrained(demo_pretrain_run) -> Path:
+    return demo_pretrain_run
 
 
 def test_cpu_ranks_leave_no_shared_memory_behind(pretrained):
