@@ -104,7 +104,7 @@ def our_step(cfg, batch: int, device, dtype, fraction: float = 1.0, compile: boo
         if teacher is not None:
             subset = None
             if fraction < 1:
-                _, masked = mask_to_ids(masks)
+                _, masked = mask_to_ids(masks, cfg.mask.num_masked)
                 k = round(fraction * masked.shape[1])
                 subset = masked[:, torch.randperm(masked.shape[1], device=device)[:k]].sort(dim=1).values
             with torch.no_grad():

@@ -176,8 +176,15 @@ class MaskGenerator:
         return mask
 
     def __call__(self, rng: random.Random | torch.Generator | int | None = None) -> torch.Tensor:
-        """One mask ``[N]`` bool tensor, True = masked, exactly ``num_masked`` True."""
-        return torch.from_numpy(self.sample(rng))
+        """One mask ``[N]`` bool tensor, True = masked, exactly ``num_masked`` True.
+
+        Checked here, in the loader workers, where it costs a microsecond: the training step
+        takes the count from the config and never reads a mask back from the device."""
+        mask = self.sample(rng)
+        count = int(np.count_nonzero(mask))
+        if count != self.num_masked:
+            raise RuntimeError(f"{self!r} drew a mask of {count} patches instead of {self.num_masked}")
+        return torch.from_numpy(mask)
 
     def batch(
         self, batch_size: int, rng: random.Random | torch.Generator | int | None = None

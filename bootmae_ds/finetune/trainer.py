@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,7 @@ class FinetuneTrainer(JobTrainer):
     def train(self) -> int:
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
         loss_sum, micro, faults = None, 0, DataFaults()
-        step_start = time.perf_counter()
+        self.step_clock.restart()
         while self.state.step < self.total_steps:
             for batch in self.batches:
                 self.last_batch = batch
@@ -152,10 +151,11 @@ class FinetuneTrainer(JobTrainer):
                     self.ema.update(self.cfg.ema.decay)
                 self.count_step(batch, applied)
                 wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                row = self._train_row(loss_sum / micro, faults, lr, step, time.perf_counter() - step_start, wait)
+                row = self.step_row({"loss": loss_sum / micro}, faults, self.schedules.epoch(step), lr, wait)
                 evaluated = self._maybe_evaluate(row)
                 self.metrics.log(self.state.step, row)
-                loss_sum, micro, faults, step_start = None, 0, DataFaults(), time.perf_counter()
+                loss_sum, micro, faults = None, 0, DataFaults()
+                self.step_clock.restart()
                 status = self._after_step(evaluated)
                 if status is not None:
                     return status
@@ -164,11 +164,6 @@ class FinetuneTrainer(JobTrainer):
         self._save()
         self.metrics.close()
         return 0
-
-    def _train_row(self, loss: torch.Tensor, faults: DataFaults, lr: float, step: int, elapsed: float,
-                   wait: float) -> dict[str, Any]:
-        row = self.step_row({"loss": loss}, faults, self.schedules.epoch(step), lr, elapsed, wait)
-        return row | {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
 
     def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
         """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""

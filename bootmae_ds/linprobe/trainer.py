@@ -21,7 +21,6 @@ keep the best (the fine-tuning trainer's structure, on the same run machinery).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +122,7 @@ class LinprobeTrainer(JobTrainer):
         loss_sum, micro, faults = None, 0, DataFaults()
         head: ProbeHead = self.engine.module
         optimizer: LARS = self.engine.optimizer
-        step_start = time.perf_counter()
+        self.step_clock.restart()
         while self.state.step < self.total_steps:
             for batch in self.batches:
                 self.last_batch = batch
@@ -151,10 +150,11 @@ class LinprobeTrainer(JobTrainer):
                 applied = not optimizer.last_step_skipped
                 self.count_step(batch, applied)
                 wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                row = self._train_row(loss_sum / micro, faults, lr, step, time.perf_counter() - step_start, wait)
+                row = self.step_row({"loss": loss_sum / micro}, faults, step // self.steps_per_epoch, lr, wait)
                 evaluated = self._maybe_evaluate(row)
                 self.metrics.log(self.state.step, row)
-                loss_sum, micro, faults, step_start = None, 0, DataFaults(), time.perf_counter()
+                loss_sum, micro, faults = None, 0, DataFaults()
+                self.step_clock.restart()
                 status = self._after_step(evaluated)
                 if status is not None:
                     return status
@@ -163,10 +163,6 @@ class LinprobeTrainer(JobTrainer):
         self._save()
         self.metrics.close()
         return 0
-
-    def _train_row(self, loss: torch.Tensor, faults: DataFaults, lr: float, step: int, elapsed: float,
-                   wait: float) -> dict[str, Any]:
-        return self.step_row({"loss": loss}, faults, step // self.steps_per_epoch, lr, elapsed, wait)
 
     def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
         """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""

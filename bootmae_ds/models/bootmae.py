@@ -31,19 +31,28 @@ class BootMAEOutput:
     features: torch.Tensor | None  # [B, N, D], None without the feature branch
 
 
-def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_to_ids(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a mask ``[B, N]`` (same count per row) into visible ids ``[B, V]`` and masked ``[B, M]``.
 
     Ids come out in ascending patch order. Attention is permutation-equivariant, so this order
     gives the same predictions as the official code's shuffled order.
+
+    With ``num_masked`` (the training step: the config's count, every mask checked in the loader
+    workers) nothing is read back to the host: the count check is a device-side assertion, so an
+    accelerator never waits for it and ``torch.compile`` sees no graph break. Without it the count
+    is read from the mask (a device sync; for callers off the step path).
     """
     if mask.dim() != 2 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor [B, N], got {mask.dtype} {tuple(mask.shape)}")
     B, N = mask.shape
-    counts = mask.sum(dim=1)
-    M = int(counts[0])
-    if not bool((counts == M).all()):
-        raise ValueError(f"every mask row needs the same masked count, got {counts.tolist()}")
+    if num_masked is None:
+        counts = mask.sum(dim=1)
+        M = int(counts[0])
+        if not bool((counts == M).all()):
+            raise ValueError(f"every mask row needs the same masked count, got {counts.tolist()}")
+    else:
+        M = num_masked
+        torch._assert_async((mask.sum(dim=1) == M).all(), f"every mask row must mask exactly {M} patches")
     if not 0 < M < N:
         raise ValueError(f"masked count {M} must be in [1, {N - 1}]")
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, ascending ids
@@ -57,6 +66,7 @@ class BootMAE(nn.Module):
         super().__init__()
         m = cfg.model
         self.patch_size = m.patch_size
+        self.num_masked = cfg.mask.num_masked  # every mask of a batch masks exactly this many
         self.encoder = VisionTransformerEncoder(
             m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads,
             m.mlp_ratio, m.qkv_bias, m.drop_path, m.norm_eps,
@@ -123,8 +133,9 @@ class BootMAE(nn.Module):
                 nn.init.zeros_(param)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> BootMAEOutput:
-        """``images [B, C, H, W]`` (normalised), ``mask [B, N]`` bool -> predictions per patch."""
-        ids_keep, ids_masked = mask_to_ids(mask)
+        """``images [B, C, H, W]`` (normalised), ``mask [B, N]`` bool with ``mask.num_masked`` True
+        per row -> predictions per patch."""
+        ids_keep, ids_masked = mask_to_ids(mask, self.num_masked)
         enc = self.encoder(images, ids_keep, return_blocks=self.context_blocks)
         ctx = enc.block_outputs
         pixels = self.pixel_decoder(enc.z, ids_keep, ids_masked, ctx.get(self.pixel_context))

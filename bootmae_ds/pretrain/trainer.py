@@ -7,7 +7,6 @@ after a checkpoint (requeue me), 3 stopped on non-finite losses (last good check
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from ..runtime.run import (
     save_run_files,
     start_engine,
 )
+from ..runtime.timing import DeviceTimer
 from ..runtime.trainer import JobTrainer
 from .flops import flops_per_image, training_flops_per_image
 from .losses import feature_loss, pixel_loss
@@ -46,7 +46,7 @@ class StepStats:
     losses: torch.Tensor | None = None  # [loss, pixel, feature] summed over micro-batches
     faults: DataFaults = field(default_factory=DataFaults)
     data_wait: float = 0.0
-    ema: float = 0.0
+    ema: DeviceTimer | None = None  # the momentum update and gather (CUDA events on a GPU)
     micro: int = 0
     last: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -133,10 +133,11 @@ class Trainer(JobTrainer):
 
     def _teacher_subset(self, mask: torch.Tensor, index: int) -> torch.Tensor:
         """Masked patch ids fed to the momentum encoder (paper Table 5), seeded per micro-batch."""
-        _, masked = mask_to_ids(mask)
+        _, masked = mask_to_ids(mask, self.cfg.mask.num_masked)
         k = max(1, round(self.cfg.momentum.input_fraction * masked.shape[1]))
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.state.step * 4099 + index)
-        keys = torch.rand(masked.shape, generator=g).to(mask.device)
+        # drawn where the mask is: a host-drawn tensor copied over would stall the device
+        g = torch.Generator(mask.device).manual_seed(self.cfg.run.seed * 1_000_003 + self.state.step * 4099 + index)
+        keys = torch.rand(masked.shape, generator=g, device=mask.device)
         pick = keys.argsort(dim=1)[:, :k]
         return torch.gather(masked, 1, pick).sort(dim=1).values
 
@@ -146,7 +147,7 @@ class Trainer(JobTrainer):
         if self.state.step >= self.total_steps and self.info.is_main:
             print(f"nothing to do: the run is at step {self.state.step} of {self.total_steps}", flush=True)
         stats = StepStats()
-        step_start = time.perf_counter()
+        self.step_clock.restart()
         while self.state.step < self.total_steps:
             for batch in self.batches:
                 self.last_batch = batch
@@ -160,16 +161,17 @@ class Trainer(JobTrainer):
                 if self.engine.global_steps == before:
                     continue  # inside gradient accumulation
                 applied = self.engine.was_step_applied()
-                ema_start = time.perf_counter()
                 if applied and self.ema is not None:
+                    stats.ema = DeviceTimer(self.device)
+                    stats.ema.start()
                     self.ema.update(self.schedules.momentum(step))
                     self.ema.gather()
-                stats.ema = time.perf_counter() - ema_start
+                    stats.ema.stop()
                 stats.data_wait, self.batches.wait_s = self.batches.wait_s, 0.0
                 self.count_step(batch, applied)
-                elapsed = time.perf_counter() - step_start
-                self._log(stats, lr, wd, step, elapsed)
-                stats, step_start = StepStats(), time.perf_counter()
+                self._log(stats, lr, wd, step)
+                stats = StepStats()
+                self.step_clock.restart()
                 status = self._after_step()
                 if status is not None:
                     return status
@@ -179,13 +181,13 @@ class Trainer(JobTrainer):
         self.metrics.close()
         return 0
 
-    def _log(self, stats: StepStats, lr: float, wd: float, step: int, elapsed: float) -> None:
+    def _log(self, stats: StepStats, lr: float, wd: float, step: int) -> None:
         means = stats.losses / max(stats.micro, 1)
         row = self.step_row({"loss": means[0], "loss_pixel": means[1], "loss_feature": means[2]}, stats.faults,
-                            self.schedules.epoch(step), lr, elapsed, stats.data_wait)
+                            self.schedules.epoch(step), lr, stats.data_wait)
         row |= {"weight_decay": wd, "momentum": self.schedules.momentum(step),
                 "feature_weight": self.schedules.feature_weight(step),
-                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "ema_update_s": stats.ema}
+                "ema_update_s": stats.ema.seconds() if stats.ema else 0.0}  # after step_row's sync
         if self.peak:
             row["mfu"] = row["samples_per_s_per_device"] * self.flops / (self.peak * 1e12)
         every = self.cfg.logging.knn_every_steps

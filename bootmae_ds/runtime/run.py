@@ -144,12 +144,13 @@ def start_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine, (Resume(tag_dir, manifest, resized) if tag_dir is not None else None)
 
 
-def stop_status(trainer: Any) -> int | None:
+def stop_status(trainer: Any, preempted: bool | None = None) -> int | None:
     """The exit status when a trainer must stop after this step, else None.
 
     After more than ``optim.max_skipped_in_row`` non-finite steps in a row: with
     ``optim.on_nonfinite=rewind`` (and rewinds left) the trainer is rewound and goes on, else
-    EXIT_NONFINITE. When a rank got a signal: save, EXIT_PREEMPTED.
+    EXIT_NONFINITE. When a rank got a signal: save, EXIT_PREEMPTED. ``preempted`` is that flag
+    as every rank agreed on it already (the step's metrics collective); None asks the ranks now.
 
     ``trainer`` has ``cfg``, ``info``, ``state``, ``ckpt_dir``, ``metrics``, ``preemption``,
     ``device`` and ``_save()``; rewinding also needs ``loader``, ``last_batch`` (the micro-batch
@@ -170,7 +171,9 @@ def stop_status(trainer: Any) -> int | None:
                   f"Lower the lr, enable optim.clip_grad or check the data.", flush=True)
         trainer.metrics.close()
         return EXIT_NONFINITE
-    if any_rank(trainer.preemption.requested, trainer.device):
+    if preempted is None:
+        preempted = any_rank(trainer.preemption.requested, trainer.device)
+    if preempted:
         trainer._save()
         if trainer.info.is_main:
             print(f"preempted: checkpoint saved at step {state.step}; resume with --resume auto", flush=True)

@@ -22,6 +22,7 @@ from .dist import DistInfo, init_distributed
 from .prefetch import DevicePrefetcher
 from .recovery import DataFaults, SpikeDetector, poisoned_batches, watch
 from .run import Preemption, Resume, RunState, announce, set_deterministic, stop_status
+from .timing import StepClock, host_values_on
 
 
 class JobTrainer:
@@ -66,6 +67,8 @@ class JobTrainer:
         self.spikes = SpikeDetector(self.cfg.optim.spike_factor, self.cfg.optim.spike_window)
         self.spikes.load_state_dict(self.state.recent_losses)
         self.preemption = Preemption()
+        self.step_clock = StepClock()
+        self.stop_agreed: bool | None = None  # the preemption flag of every rank, from step_row
 
     def poisoned_batch(self, batch: dict[str, Any]) -> bool:
         """Whether the ``debug.nan_steps`` drill poisons this micro-batch's inputs."""
@@ -81,25 +84,39 @@ class JobTrainer:
         s.skipped_total += 0 if applied else 1
 
     def step_row(self, losses: dict[str, torch.Tensor], faults: DataFaults, epoch: int, lr: float,
-                 elapsed: float, wait: float) -> dict[str, Any]:
-        """The metrics row of an optimizer step: ``losses`` (this rank's means, on the device) and
-        the damaged-data counts averaged and summed over ranks in one all-reduce (the one read
-        of the step's numbers), throughput, memory, damaged data, spikes and rewinds."""
-        sums = torch.cat([torch.stack([v.float().reshape(()) for v in losses.values()]),
-                          torch.tensor(faults.counts(), device=self.device)])
-        dist.all_reduce(sums)
-        values = sums.tolist()
+                 wait: float) -> dict[str, Any]:
+        """The metrics row of an optimizer step, from its one collective and its one device read.
+
+        One all-reduce carries this rank's ``losses`` (means, on the device; averaged over ranks),
+        the damaged-data counts (summed), the engine's gradient norm (rank 0's: the same on every
+        rank) and the preemption flag (any rank's, for ``_after_step``). Reading it back waits for
+        every kernel of the step (optimizer and momentum update included), so the step time and
+        img/s are measured to there (``step_clock``), not to when the host had queued them."""
         world = self.info.world_size
+        grad_norm = self.engine.get_global_grad_norm()
+        host = [*faults.counts(), float(self.preemption.requested)]
+        if not torch.is_tensor(grad_norm):  # None before the first step, inf after an overflow
+            host.append(float(grad_norm or 0.0) if self.info.is_main else 0.0)
+        parts = [torch.stack([v.float().reshape(()) for v in losses.values()]), host_values_on(host, self.device)]
+        if torch.is_tensor(grad_norm):
+            parts.append(grad_norm.detach().float().reshape(1) * (1.0 if self.info.is_main else 0.0))
+        sums = torch.cat(parts)
+        dist.all_reduce(sums)
+        values = sums.tolist()  # the step's one device read
+        elapsed = self.step_clock.lap()
+        n = len(losses)
+        counts, (stop, norm) = values[n:-2], values[-2:]
+        self.stop_agreed = stop > 0
         rate = self.cfg.data.global_batch_size / max(elapsed, 1e-9)
         row = {"epoch": epoch, **{k: v / world for k, v in zip(losses, values)}, "lr": lr,
                "skipped_steps": self.state.skipped_total, "samples": self.state.samples,
                "samples_per_s": rate, "samples_per_s_per_device": rate / world,
-               "step_time_s": elapsed, "data_wait_s": wait}
+               "step_time_s": elapsed, "data_wait_s": wait, "grad_norm": norm}
         if self.device.type == "cuda":
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             row["memory_gb"] = psutil.Process().memory_info().rss / 2**30
-        faults.report(row, values[len(losses):], self.info.is_main)
+        faults.report(row, counts, self.info.is_main)
         watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
         return row
 
@@ -118,8 +135,10 @@ class JobTrainer:
                              self._fingerprint(), self.cfg.checkpoint.keep_last, self.cfg.debug.slow_save_s)
 
     def _after_step(self, evaluated: bool = False) -> int | None:
-        """Stop (non-finite, preempted), rewind, or save when it is time; the exit status or None."""
-        status = stop_status(self)
+        """Stop (non-finite, preempted), rewind, or save when it is time; the exit status or None.
+        The preemption flag comes from this step's ``step_row`` collective when it ran."""
+        status = stop_status(self, self.stop_agreed)
+        self.stop_agreed = None
         step = self.state.step
         due = evaluated or step % self.cfg.checkpoint.every_steps == 0
         if status is None and due and step < self.total_steps:

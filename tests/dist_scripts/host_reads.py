@@ -1,0 +1,96 @@
+"""Run by tests/test_host_reads.py: a short pre-training in this process (a world of one, on the
+accelerator DeepSpeed picks) with every way of reading a tensor's value on the host, and every
+collective, recorded when the project's own code calls it (DeepSpeed's own are left out).
+
+On a GPU each such read waits for the device's queue to drain, so the step path must have none
+per micro-batch and exactly one per optimizer step. Writes JSON to argv[1]:
+``{"steps": N, "micro_batches": M, "events": [{"kind", "what", "where", "phase"}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import bootmae_ds
+from bootmae_ds.config import load_config
+from bootmae_ds.pretrain import trainer as pretrain_trainer
+
+OURS = Path(bootmae_ds.__file__).parent
+TORCH = Path(torch.__file__).parent
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "barrier", "all_gather_object", "broadcast_object_list")
+
+events: list[dict[str, str]] = []
+phase = {"name": None}  # "micro" inside a micro-batch, "step" for the rest of the loop, None elsewhere
+
+
+def _caller() -> str | None:
+    """The innermost frame outside torch and this file, if it is the project's step code. The
+    data layer is left out: it works on host tensors by design, before they reach the device."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = Path(frame.filename)
+        if path == Path(__file__) or TORCH in path.parents:
+            continue
+        if OURS in path.parents and OURS / "data" not in path.parents:
+            return f"{path.relative_to(OURS.parent)}:{frame.lineno} {frame.name}"
+        return None  # DeepSpeed's, the data layer's, or the standard library's
+    return None
+
+
+def _record(kind: str, what: str) -> None:
+    if phase["name"] is None:
+        return
+    where = _caller()
+    if where is not None:
+        events.append({"kind": kind, "what": what, "where": where, "phase": phase["name"]})
+
+
+def _wrap(owner, name: str, kind: str) -> None:
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        _record(kind, name)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+for name in HOST_READS:
+    _wrap(torch.Tensor, name, "host_read")
+for name in COLLECTIVES:
+    _wrap(dist, name, "collective")
+
+
+def _in_phase(name: str, method):
+    def wrapper(*args, **kwargs):
+        previous, phase["name"] = phase["name"], name
+        try:
+            return method(*args, **kwargs)
+        finally:
+            phase["name"] = previous
+    return wrapper
+
+
+T = pretrain_trainer.Trainer
+T.train = _in_phase("step", T.train)
+T._micro_step = _in_phase("micro", T._micro_step)
+T._save = _in_phase(None, T._save)  # type: ignore[arg-type]  # checkpoints read their tensors by design
+
+out, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+steps = 3
+cfg = load_config("demo", ["model.depth=2", "model.feature_decoder.context_block=1", "data.micro_batch_size=4",
+                           "data.global_batch_size=8", "data.num_workers=1", "data.train=synthetic",
+                           "data.num_samples=64", "logging.trackers=[]", "logging.knn_every_steps=null",
+                           "logging.preview_every_steps=1000", "momentum.input_fraction=0.5",
+                           "checkpoint.every_steps=1000"])
+status = pretrain_trainer.pretrain(cfg, run_dir, max_steps=steps, resume="never")
+rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+out.write_text(json.dumps({"status": status, "steps": len(rows), "micro_batches": 2 * len(rows),
+                           "events": events}, indent=1))
