@@ -192,7 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     peak = a.peak_tflops * 1e12 if a.peak_tflops else matmul_peak(device, dtype)
     print(f"{a.size}, batch {a.batch}, {a.dtype} on {device}: matmul peak {peak / 1e9:.0f} GFLOP/s")
     result: dict = {"size": a.size, "batch": a.batch, "dtype": a.dtype, "device": str(device),
-                    "matmul_peak_tflops": peak / 1e12, "steps": {}}
+                    "matmul_peak_tflops": peak / 1e12, "steps": {}, "ratios": {}}
+
+    def save() -> None:
+        """Every figure so far (after each step timed: a run cut short keeps what it measured)."""
+        if a.json:
+            tmp = a.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(a.json)
 
     def report(name: str, seconds: float, flops: float) -> float:
         rate = a.batch / seconds
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "mfu": rate * flops / peak, "peak_memory_gib": mem}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        save()
         return seconds
 
     def run_ours(name: str, cfg, fraction: float = 1.0, compile: bool = False) -> float:
@@ -244,8 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in ratios.items():
         print(f"{key.replace('_', ' ')}: {value:.2f}x")
     result["ratios"] = ratios
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    save()
     return result
 
 
