@@ -103,3 +103,56 @@ def test_the_device_run_works_in_the_device_environment(device_like, tmp_path) -
     env = json.loads((out2 / "device_report.json").read_text())["parts"]["env"]
     assert proc.returncode != 0 and env["status"] == "failed" and not env["imports_ok"], env
     assert "msgpack" in env["imports"]["deepspeed"], env["imports"]
+
+
+# -- the run's time keeping, without a device ---------------------------------------------------
+def _run(tmp_path: Path, budget_s: float):
+    from run import Run
+
+    os.environ.pop("BOOTMAE_DEVICE_T0", None)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return Run(tmp_path / "out", budget_s, smoke=False, keep_work=False)
+
+
+def test_a_part_out_of_time_loses_its_whole_process_tree_but_keeps_its_figures(tmp_path) -> None:
+    import psutil
+    from run import PARTS, finished
+
+    run = _run(tmp_path, 360)
+    figures = tmp_path / "figures.json"
+    # a part that wrote a figure, then hangs in a grandchild (as a rank's loader worker would)
+    script = f"echo '{{\"img_per_s\": 12.5}}' > {figures}; sleep 300 & sleep 300"
+    entry = run.part(PARTS[0], lambda r, limit: finished(r, r.sh(["bash", "-c", script], 1.0, "hang"), "hang",
+                                                        json.loads(figures.read_text())))
+    assert entry["status"] == "timeout" and entry["img_per_s"] == 12.5 and entry["wall_s"] < 15
+    sleeping = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]]
+    assert sleeping == []  # the group was killed, the background child too
+    report = json.loads((tmp_path / "out" / "device_report.json").read_text())
+    assert report["parts"]["env"]["status"] == "timeout"  # rewritten right after the part
+    run.finish()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["device_logs.tar.gz", "device_report.json"]
+    assert not run.work.exists()
+
+
+def test_a_part_whose_minimum_no_longer_fits_is_skipped_and_says_why(tmp_path) -> None:
+    from run import PARTS
+
+    run = _run(tmp_path, 30)  # less than the install reserve leaves for anything
+    entry = run.part(PARTS[3], lambda r, limit: {"status": "ok"})
+    assert entry["status"] == "skipped" and "needs at least 30 s" in entry["reason"]
+    run.finish()
+
+
+def test_e2e_figures_skip_warmup_and_keep_to_one_epoch(tmp_path) -> None:
+    from run import e2e_figures
+
+    rows = [{"step": s, "epoch": 0 if s <= 8 else 1, "step_time_s": 0.5 if s > 2 else 3.0, "samples_per_s": 512.0,
+             "data_wait_s": 0.05, "ema_update_s": 0.01, "memory_gb": 10.0 + s, "mfu": 0.4} for s in range(1, 11)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))  # a run cut short after 6 steps
+    partial = e2e_figures(metrics, warmup=2)
+    assert partial["steps_timed"] == 4 and partial["img_per_s"] == 512.0 and not partial["epoch_boundary_in_window"]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whole = e2e_figures(metrics, warmup=2)
+    assert whole["steps_timed"] == 6 and whole["epoch_boundary_in_window"]  # steps 9-10 are the next epoch's
+    assert whole["data_wait_share"] == pytest.approx(0.1) and whole["peak_memory_gib"] == 20.0

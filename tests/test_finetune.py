@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 
 from bootmae_ds.config import ConfigError, load_config, load_finetune_config
 from bootmae_ds.data.demo import ensure_demo_shards
-from bootmae_ds.data.labelled import LabelledTransform, _EvalShare, load_images
+from bootmae_ds.data.labelled import LabelledTransform, _EvalShare, check_labels, load_images
 from bootmae_ds.data.sources import TarSource
 from bootmae_ds.finetune.augment import DeviceAugment
 from bootmae_ds.models import ViTClassifier, build_model
@@ -99,8 +101,8 @@ def test_device_augment_targets_and_bad_labels():
     expected = torch.full((4, 10), 0.01)
     expected[[0, 1, 2, 3], [0, 3, 9, 3]] = 0.91
     assert torch.allclose(t, expected)
-    with pytest.raises(ValueError, match="sample c: label 10 outside 0..9"):
-        aug(images, torch.tensor([0, 1, 10, 2]), list("abcd"))
+    with pytest.raises(ValueError, match="sample c: label 10 outside 0..9"):  # on the host, before the copy
+        check_labels(torch.tensor([0, 1, 10, 2]), 10, list("abcd"))
     mixing = DeviceAugment(load_finetune_config("demo"), (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
     _, soft = mixing(images, torch.tensor([0, 3, 9, 3]), list("abcd"))
     assert torch.allclose(soft.sum(dim=1), torch.ones(4)) and (soft > 0.5).sum() <= 4
@@ -197,6 +199,17 @@ def test_finetune_resume_continues_exactly(full_run, pretrained, tmp_path):
     assert [r["step"] for r in rows] == list(range(7, 13))
     for key in ("loss", "lr", "grad_norm", "eval_top1", "eval_ema_top1"):
         assert [r.get(key) for r in rows] == [r.get(key) for r in full[6:]], key
+
+
+@pytest.mark.slow
+def test_labels_beyond_the_classes_stop_the_run_on_the_host_naming_the_sample(tmp_path):
+    # the demo digits have 10 classes; the check runs on each batch before it goes to the device
+    out = tmp_path / "bad"
+    proc = run([sys.executable, "launchers/finetune.py", "--output-dir", str(out), *FINETUNE, "init.source=random",
+                "model.num_classes=5"], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"error: sample \S+: label [5-9] outside 0..4; set model.num_classes", proc.stderr), proc.stderr
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step_*"))
 
 
 def test_config_cli_prints_and_checks_finetune_configs(capsys):

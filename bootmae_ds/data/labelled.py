@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from bootmae_ds.config import BootMAEConfig
+from bootmae_ds.config import BootMAEConfig, InputError
 from bootmae_ds.config.finetune import AugmentConfig
 from bootmae_ds.data.loader import iterate_and_join
 from bootmae_ds.data.seeds import mix_seed
@@ -70,6 +70,23 @@ def _patch_posterize(transform: Any) -> None:
         for op in getattr(t, "ops", []):
             if "Posterize" in getattr(op, "name", ""):
                 op.aug_fn = _posterize
+
+
+class LabelError(InputError, ValueError):
+    """A label outside ``0..model.num_classes-1``; the message names the sample."""
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, keys: list[str] | None) -> None:
+    """Raise :class:`LabelError` naming the first sample whose label is outside ``0..K-1``.
+
+    Training loops call it on the host copy of each batch, before it goes to the device (the
+    trainers' ``watch(check=...)``): on a device tensor the test would stall the device."""
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        name = f"sample {keys[i]}" if keys else "an evaluation sample"
+        raise LabelError(f"{name}: label {int(labels[i])} outside 0..{num_classes - 1}; set model.num_classes "
+                         f"to the number of classes of the data")
 
 
 @dataclass

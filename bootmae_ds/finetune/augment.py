@@ -34,12 +34,8 @@ class DeviceAugment:
         return (images.float() - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (images [B, 3, S, S] fp32, soft targets [B, K] fp32)."""
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"sample {keys[i]}: label {int(labels[i])} outside 0..{self.num_classes - 1}; "
-                             f"set model.num_classes to the number of classes of data.train")
+        """-> (images [B, 3, S, S] fp32, soft targets [B, K] fp32). ``labels`` are in range: the
+        trainer checks them on the host before the batch comes over (``data.labelled.check_labels``)."""
         x = self.normalise(images)
         if self.erase is not None:
             x = self.erase(x)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..config import FinetuneConfig
 from ..config.common import inherit_from_pretraining
 from ..data import build_train_loader
-from ..data.labelled import LabelledTransform, eval_batches, open_eval_source
+from ..data.labelled import LabelledTransform, check_labels, eval_batches, open_eval_source
 from ..interop.encoders import EncoderExport
 from ..interop.export import write_export
 from ..models.classifier import ViTClassifier
@@ -115,7 +115,8 @@ class FinetuneTrainer(JobTrainer):
         self.val_source = open_eval_source(cfg.data.val, cfg)  # type: ignore[arg-type]
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.peak = device_peak_tflops(cfg, self.device)
-        self.watch(device_keys=("images", "labels"))
+        self.watch(device_keys=("images", "labels"),
+                   check=lambda b: check_labels(b["labels"], cfg.model.num_classes, b["keys"]))
 
     # -- build ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..config import LinprobeConfig
-from ..data.labelled import open_eval_source
+from ..data.labelled import check_labels, open_eval_source
 from ..evaluation.features import Normalise, extract_set_features
 from ..evaluation.linprobe import evaluate_head, train_on_features
 from ..models.classifier import ProbeHead
@@ -24,7 +24,7 @@ from ..runtime.dist import init_distributed
 from ..runtime.ds_config import resolve_precision
 from ..runtime.metrics import MetricsLogger
 from ..runtime.run import DTYPES, announce, run_and_close
-from .model import BEST, build_probe, check_labels, write_best
+from .model import BEST, build_probe, write_best
 
 
 class CachedProbe:

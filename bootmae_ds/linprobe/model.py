@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
-from ..config import BootMAEConfig, ConfigError, InputError, LinprobeConfig
+from ..config import BootMAEConfig, ConfigError, LinprobeConfig
 from ..interop.encoders import EncoderExport, load_init_encoder
 from ..interop.export import write_export
 from ..models.classifier import ProbeHead, ViTClassifier, first_blocks, resized_encoder
 
 BEST = "best"  # RUN/best: the best probe so far, as a timm classifier
-
-
-class LabelError(InputError, ValueError):
-    """A label outside ``0..model.num_classes-1``; the message names the sample."""
 
 
 def build_probe(cfg: LinprobeConfig) -> tuple[ViTClassifier, BootMAEConfig, dict[str, Any]]:
@@ -64,13 +60,3 @@ def write_best(out: Path, probe: ViTClassifier, head: ProbeHead, pre: BootMAECon
                         head=folded, fc_norm=probe.fc_norm)
     write_export(exp, out, force=True)
     (out / "metrics.json").write_text(json.dumps(exp.provenance, indent=1) + "\n")
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, keys: list[str] | None) -> None:
-    """Raise :class:`LabelError` naming the first sample whose label is outside ``0..K-1``."""
-    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        name = f"sample {keys[i]}" if keys else "an evaluation sample"
-        raise LabelError(f"{name}: label {int(labels[i])} outside 0..{num_classes - 1}; set model.num_classes "
-                         f"to the number of classes of the data")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..config import LinprobeConfig
 from ..config.common import inherit_from_pretraining
 from ..data import build_train_loader
-from ..data.labelled import eval_batches, open_eval_source
+from ..data.labelled import check_labels, eval_batches, open_eval_source
 from ..evaluation.features import Normalise
 from ..evaluation.lars import LARS
 from ..evaluation.linprobe import hits, probe_lr, scores
@@ -51,7 +51,7 @@ from ..runtime.run import (
 )
 from ..runtime.trainer import JobTrainer
 from .data import ProbeTransform
-from .model import BEST, build_probe, check_labels, write_best
+from .model import BEST, build_probe, write_best
 
 
 @dataclass
@@ -107,7 +107,8 @@ class LinprobeTrainer(JobTrainer):
         self.normalise = Normalise(d.mean, d.std, self.device, self.dtype)  # type: ignore[arg-type]
         self.val_source = open_eval_source(d.val, cfg)  # type: ignore[arg-type]
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
-        self.watch(device_keys=("images", "labels"))
+        self.watch(device_keys=("images", "labels"),
+                   check=lambda b: check_labels(b["labels"], cfg.model.num_classes, b["keys"]))
 
     # -- build ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
@@ -131,8 +132,7 @@ class LinprobeTrainer(JobTrainer):
                               self.cfg.schedule.warmup_epochs, self.cfg.schedule.epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                labels = batch["labels"]
-                check_labels(labels, self.cfg.model.num_classes, batch["keys"])
+                labels = batch["labels"]  # checked on the host before it came over (watch)
                 with torch.no_grad():
                     features = self.probe.forward_pooled(self.normalise(batch["images"])).float()  # [B, D]
                 if self.poisoned_batch(batch):

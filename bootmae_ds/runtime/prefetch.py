@@ -10,7 +10,7 @@ moves ahead in the host iterator; nothing changes but the order.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,10 +22,13 @@ class DevicePrefetcher:
     """Iterate ``batches`` with ``keys`` already on ``device``, one batch held ahead on demand.
 
     ``wait_s`` accumulates the time spent waiting for the host loader (data-wait in metrics).
+    ``check(batch)``, if given, validates each batch on the host before its copy (a label range
+    test on the device would make the host wait for the device).
     """
 
-    def __init__(self, batches: Iterable[Batch], device: torch.device, keys: tuple[str, ...]) -> None:
-        self.batches, self.device, self.keys = batches, device, keys
+    def __init__(self, batches: Iterable[Batch], device: torch.device, keys: tuple[str, ...],
+                 check: Callable[[Batch], None] | None = None) -> None:
+        self.batches, self.device, self.keys, self.check = batches, device, keys, check
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.wait_s = 0.0
         self._iter: Iterator[Batch] | None = None
@@ -41,6 +44,8 @@ class DevicePrefetcher:
             return None
         finally:
             self.wait_s += time.perf_counter() - start
+        if self.check is not None:
+            self.check(batch)
         if self.stream is None:
             return batch | {k: batch[k].to(self.device) for k in self.keys if k in batch}
         with torch.cuda.stream(self.stream):  # pinned host memory: the copies run asynchronously

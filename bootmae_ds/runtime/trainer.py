@@ -59,9 +59,10 @@ class JobTrainer:
             loader.start_at_next_epoch(self.state.data)
         return loader
 
-    def watch(self, device_keys: tuple[str, ...]) -> None:
-        """The device prefetcher, the NaN drill, the spike detector and the signal handlers."""
-        self.batches = DevicePrefetcher(self.loader, self.device, keys=device_keys)
+    def watch(self, device_keys: tuple[str, ...], check: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """The device prefetcher (``check`` validates each batch on the host, before its copy),
+        the NaN drill, the spike detector and the signal handlers."""
+        self.batches = DevicePrefetcher(self.loader, self.device, keys=device_keys, check=check)
         self.last_batch: dict[str, Any] = {}
         self.poisoned = poisoned_batches(self.cfg.debug.nan_steps, self.accum, len(self.loader))
         self.spikes = SpikeDetector(self.cfg.optim.spike_factor, self.cfg.optim.spike_window)
