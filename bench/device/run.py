@@ -387,9 +387,6 @@ def main() -> int:
     run = Run(a.out, budget, a.smoke, a.keep_work)
     if a.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # the carried DeepSpeed's CPU op is built apart from the installed one's (each rebuilds it
-        # when the other's was last: their include paths differ)
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bootmae_ds" / "smoke_extensions"))
         # tiny CPU steps: several threads per process only spin against each other (10x slower
         # on a busy 2-core machine)
         os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -17,6 +17,9 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
   rm -rf "$deps"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$deps" "$wheels"/*.whl
   export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" PATH="$deps/bin:$PATH"
+  # JIT-built ops (DeepSpeed's CPU op in a smoke run) of the carried packages apart from those of an
+  # installed copy: each would rebuild the other's, their include paths differ
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${deps}_extensions}
   echo "[device] installed $(ls "$wheels"/*.whl | wc -l) wheels into $deps in $("$PY" -c "import time; print(round(time.time() - $BOOTMAE_DEVICE_T0, 1))") s"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

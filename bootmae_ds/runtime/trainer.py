@@ -94,14 +94,9 @@ class JobTrainer:
         every kernel of the step (optimizer and momentum update included), so the step time and
         img/s are measured to there (``step_clock``), not to when the host had queued them."""
         world = self.info.world_size
-        grad_norm = self.engine.get_global_grad_norm()
         host = [*faults.counts(), float(self.preemption.requested)]
-        if not torch.is_tensor(grad_norm):  # None before the first step, inf after an overflow
-            host.append(float(grad_norm or 0.0) if self.info.is_main else 0.0)
-        parts = [torch.stack([v.float().reshape(()) for v in losses.values()]), host_values_on(host, self.device)]
-        if torch.is_tensor(grad_norm):
-            parts.append(grad_norm.detach().float().reshape(1) * (1.0 if self.info.is_main else 0.0))
-        sums = torch.cat(parts)
+        sums = torch.cat([torch.stack([v.float().reshape(()) for v in losses.values()]),
+                          host_values_on(host, self.device), self._grad_norm()])
         dist.all_reduce(sums)
         values = sums.tolist()  # the step's one device read
         elapsed = self.step_clock.lap()
@@ -120,6 +115,17 @@ class JobTrainer:
         faults.report(row, counts, self.info.is_main)
         watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
         return row
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The engine's gradient norm as ``[1]`` on the device, on rank 0 only (zero elsewhere): it
+        is the same on every rank, and the row's all-reduce sums. DeepSpeed keeps it as a device
+        tensor, or a float (inf after an overflow, None before the first step)."""
+        norm = self.engine.get_global_grad_norm()
+        if not self.info.is_main:
+            return torch.zeros(1, device=self.device)
+        if torch.is_tensor(norm):
+            return norm.detach().float().reshape(1)
+        return host_values_on([float(norm or 0.0)], self.device)
 
     def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         """Restore weights, EMA and RNG from a checkpoint (a rewind); the saved run state."""
