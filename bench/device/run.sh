@@ -15,7 +15,12 @@ wheels=${BOOTMAE_DEVICE_WHEELS:-.whl}
 if compgen -G "$wheels/*.whl" >/dev/null; then
   deps=${BOOTMAE_DEVICE_DEPS:-/tmp/bootmae_device_deps}
   rm -rf "$deps"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$deps" "$wheels"/*.whl
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$deps" "$wheels"/*.whl; then
+    version=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    echo "error: the wheels in $wheels do not install on this Python ($version); make a set for it with" \
+         "'bash bench/device/prepare.sh --python $version --out DIR' and point BOOTMAE_DEVICE_WHEELS at DIR" >&2
+    exit 2
+  fi
   export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" PATH="$deps/bin:$PATH"
   # JIT-built ops (DeepSpeed's CPU op in a smoke run) of the carried packages apart from those of an
   # installed copy: each would rebuild the other's, their include paths differ
