@@ -26,6 +26,8 @@ needs from them (see :func:`relative_position_bias`). ``fpn1``'s BatchNorm is ``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
@@ -62,9 +64,17 @@ def relative_position_bias(table: torch.Tensor, table_grid: Grid, grid: Grid,
         table = torch.cat([offsets, table[-EXTRA_OFFSETS:]])  # [(2h-1)(2w-1)+3, heads]
         index = None
     if index is None:
-        index = gen_relative_position_index(tuple(grid), class_token=True, device=table.device)
+        index = grid_index(tuple(grid), table.device)
     n = index.shape[0]
     return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [heads, 1+N, 1+N]
+
+
+@functools.lru_cache(maxsize=2)
+def grid_index(grid: Grid, device: torch.device) -> torch.Tensor:
+    """BEiT's relative position index ``[1+N, 1+N]`` of ``grid`` (cls token included), made once per
+    grid and device and shared: every block of a forward reads (and autograd keeps) one copy, which
+    matters at detection sizes (4,201 tokens: 141 MB of int64). The last two grids are kept."""
+    return gen_relative_position_index(grid, class_token=True, device=device)
 
 
 class RelPosAttention(nn.Module):
@@ -173,9 +183,10 @@ class ViTPyramid(nn.Module):
         norm_layer: type[nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        if len(out_indices) != 4 or list(out_indices) != sorted(set(out_indices)) or \
+        # non-decreasing: an encoder of fewer than 4 blocks (a tiny test model) may feed two levels from one
+        if len(out_indices) != 4 or list(out_indices) != sorted(out_indices) or \
                 not all(0 <= i < depth for i in out_indices):
-            raise ValueError(f"out_indices={tuple(out_indices)}: need 4 increasing block indices in 0..{depth - 1}")
+            raise ValueError(f"out_indices={tuple(out_indices)}: need 4 non-decreasing block indices in 0..{depth - 1}")
         self.embed_dim, self.depth, self.patch_size = embed_dim, depth, patch_size
         self.out_indices = tuple(out_indices)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
@@ -236,15 +247,15 @@ class ViTPyramid(nn.Module):
         for s = 4, 8, 16, 32."""
         x, grid = self._tokens(images)  # [B, 1+N, D]
         B, D = x.shape[0], x.shape[2]
-        maps = []
+        maps = {}
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, grid, use_reentrant=False)
             else:
                 x = block(x, grid)
             if i in self.out_indices:
-                maps.append(x[:, 1:].transpose(1, 2).reshape(B, D, *grid))  # [B, D, H/p, W/p]
-        return [op(m) for op, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
+                maps[i] = x[:, 1:].transpose(1, 2).reshape(B, D, *grid)  # [B, D, H/p, W/p]
+        return [op(maps[i]) for op, i in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), self.out_indices)]
 
     @classmethod
     def from_encoder(cls, encoder: VisionTransformerEncoder, img_size: int | Grid = 512, **kwargs) -> ViTPyramid:
