@@ -25,6 +25,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,14 +205,16 @@ def decode_masks(segmentations: list[Any], height: int, width: int) -> torch.Ten
     if not segmentations:
         return torch.zeros((0, height, width), dtype=torch.uint8)
     out = np.empty((len(segmentations), height, width), dtype=np.uint8)
-    for k, segm in enumerate(segmentations):
-        if isinstance(segm, list):  # polygons of one object
-            rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-        elif isinstance(segm.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(segm, height, width)
-        else:
-            rle = segm
-        out[k] = mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools 2.0 under numpy 2 warns on every decode
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for k, segm in enumerate(segmentations):
+            if isinstance(segm, list):  # polygons of one object
+                rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+            elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(segm, height, width)
+            else:
+                rle = segm
+            out[k] = mask_utils.decode(rle)
     return torch.from_numpy(out)
 
 

@@ -169,6 +169,7 @@ def eval_batches(split: CocoSplit, rank: int, world_size: int, batch_size: int, 
     from .loader import iterate_and_join
 
     share = EvalShare(split, rank, world_size, batch_size)
+    # a private generator: the global RNG (drop path, proposal sampling) must not see an evaluation
     loader = DataLoader(share, batch_size=None, shuffle=False, num_workers=num_workers if len(share) else 0,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
     yield from iterate_and_join(loader)

@@ -33,7 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..config import BootMAEConfig, ConfigError
 from ..config.detect import DetectConfig
-from ..interop.encoders import load_init_encoder
+from ..interop.transfer import load_transfer_encoder
 from ..models import VisionTransformerEncoder, ViTPyramid
 
 LEVELS = ("0", "1", "2", "3")  # the FPN outputs RoIAlign reads; "pool" (stride 64) feeds only the RPN
@@ -113,7 +113,7 @@ def build_detector(cfg: DetectConfig, num_classes: int, autocast_dtype: torch.dt
                    sync_bn: bool = False) -> tuple[MaskRCNN, BootMAEConfig, dict[str, Any]]:
     """The Mask R-CNN of ``cfg`` on the ``init`` encoder; its pre-training config and provenance.
     Fresh parts (layer scales, tables, pyramid ops, FPN, heads) are drawn from ``run.seed``."""
-    encoder, pre, provenance = load_init_encoder(cfg.init, cfg.run.seed)
+    encoder, pre, provenance = load_transfer_encoder(cfg.init, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     backbone = PyramidFPN(build_pyramid(encoder.float(), pre, cfg, sync_bn), cfg.model.fpn_channels, autocast_dtype)
     mean = cfg.data.mean or pre.data.mean
