@@ -363,3 +363,13 @@ def test_detection_resume_continues_exactly(full_run, demo_pretrain_run, demo_ro
     keys = ("loss", "loss_classifier", "loss_mask", "loss_objectness", "lr", "grad_norm", "eval_box_ap", "eval_mask_ap")
     for key in keys:  # bitwise: the data position, flips, drop path and proposal sampling all continue
         assert [r.get(key) for r in rows] == [r.get(key) for r in full[3:]], key
+
+
+def test_config_cli_prints_and_checks_detect_configs(capsys) -> None:
+    from bootmae_ds.config.cli import main
+
+    assert main(["--detect", "demo", "--set", "model.fpn_channels=32"]) == 0
+    assert "fpn_channels: 32" in capsys.readouterr().out
+    assert main(["--detect", "coco_base", "--set", "optim.layer_decay=2"]) == 2
+    assert "optim.layer_decay=2" in capsys.readouterr().err
+    assert main(["--detect", "--describe"]) == 0 and "model.rpn.post_nms_top_n_train" in capsys.readouterr().out
