@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,34 +97,33 @@ class DetectionDataset(IterableDataset):
         """Micro-batch ``j``: unreadable images replaced by the next readable one of the batch (read
         with the bad image's own flip draw), or, when none reads, by the first readable images of
         the later micro-batches: a function of the epoch's plan only, so resume stays exact."""
-        samples: list[dict[str, Any] | None] = []
-        errors: dict[int, str] = {}
-        for i, index in enumerate(batches[j]):
-            try:
-                samples.append(read_sample(self.split, int(index), self.epoch, self.seed, self.hflip))
-            except Exception as err:  # noqa: BLE001 - any decoder failure marks the image bad
-                samples.append(None)
-                errors[i] = f"{self.split.record(int(index))['file_name']} ({type(err).__name__}: {err})"
-        good = [s for s in samples if s is not None]
+        reads = [self._try(int(index)) for index in batches[j]]
+        errors = {i: error for i, (_, error) in enumerate(reads) if error is not None}
+        good = [sample for sample, _ in reads if sample is not None]
         filled = 0
         if not good:
-            good = self._stand_ins(batches, j, len(samples))
-            filled = len(samples)
-        out = [s if s is not None else good[i % len(good)] for i, s in enumerate(samples)]
+            good = self._stand_ins(batches, j, len(reads))
+            filled = len(reads)
+        out = [sample if sample is not None else good[i % len(good)] for i, (sample, _) in enumerate(reads)]
         for message in errors.values():
             log.warning("unreadable image replaced: %s", message)
         return {"images": [s["image"] for s in out], "targets": [s["target"] for s in out],
                 "keys": [s["id"] for s in out], "corrupt": len(errors), "filled": filled,
                 "damaged_shards": [m.split(" (")[0] for m in errors.values()], "epoch": self.epoch, "index": j}
 
+    def _try(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+        """(the sample, None) or (None, what went wrong with its file)."""
+        try:
+            return read_sample(self.split, index, self.epoch, self.seed, self.hflip), None
+        except Exception as err:  # noqa: BLE001 - any decoder failure marks the image bad
+            return None, f"{self.split.record(index)['file_name']} ({type(err).__name__}: {err})"
+
     def _stand_ins(self, batches: list[np.ndarray], j: int, want: int) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         for later in batches[j + 1 :] + batches[:j]:
             for index in later:
-                try:
-                    found.append(read_sample(self.split, int(index), self.epoch, self.seed, self.hflip))
-                except Exception:  # noqa: BLE001 - keep looking
-                    continue
+                sample, _ = self._try(int(index))
+                found += [sample] if sample is not None else []
                 if len(found) == want:
                     return found
         if not found:
@@ -154,7 +154,7 @@ class EvalShare(Dataset):
         self.indices = list(range(rank, len(split), world_size))
 
     def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return math.ceil(len(self.indices) / self.batch_size)
 
     def __getitem__(self, j: int) -> Batch:
         chunk = self.indices[j * self.batch_size : (j + 1) * self.batch_size]
