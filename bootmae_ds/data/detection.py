@@ -94,9 +94,9 @@ class DetectionDataset(IterableDataset):
             yield self._read(batches, j)
 
     def _read(self, batches: list[np.ndarray], j: int) -> Batch:
-        """Micro-batch ``j``: unreadable images replaced by the next readable one of the batch (read
-        with the bad image's own flip draw), or, when none reads, by the first readable images of
-        the later micro-batches: a function of the epoch's plan only, so resume stays exact."""
+        """Micro-batch ``j``: an unreadable image's slot takes a readable image of the batch (slot i
+        the (i mod n)-th of the n readable), or, when none reads, the first readable images of the
+        later micro-batches: a function of the epoch's plan only, so resume stays exact."""
         reads = [self._try(int(index)) for index in batches[j]]
         errors = {i: error for i, (_, error) in enumerate(reads) if error is not None}
         good = [sample for sample, _ in reads if sample is not None]
