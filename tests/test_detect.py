@@ -266,7 +266,9 @@ def test_coco_eval_of_the_ground_truth_is_a_perfect_score(demo_root: Path) -> No
     gt = load_coco_api(demo_root / "annotations" / "instances_val.json")
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
                 "segmentation": a["segmentation"]} for a in gt.anns.values()]
-    metrics, summary = coco_scores(gt, copy.deepcopy(results), sorted(gt.imgs))
+    before = copy.deepcopy(results)
+    metrics, summary = coco_scores(gt, results, sorted(gt.imgs))
+    assert results == before  # scored, not changed
     assert metrics["box_ap"] == metrics["mask_ap"] == metrics["box_ap50"] == metrics["mask_ap75"] == 100.0
     assert metrics["box_apm"] is None  # no object of COCO's medium size on 64 px canvases: COCOeval's -1
     assert "Average Precision" in summary and "== segm (masks) ==" in summary
@@ -349,6 +351,12 @@ def test_one_rank_scores_the_best_detector_like_the_two_ranks_did(full_run, demo
     finally:
         torch.set_num_threads(threads)
     assert scores["images"] == 12
+
+    def ordered(results: list[dict]) -> list[dict]:  # the ranks' shares come in rank order
+        return sorted(results, key=lambda r: (r["image_id"], -r["score"], r["bbox"]))
+
+    two_ranks = json.loads((out / "best" / "detections.json").read_text())
+    assert len(two_ranks) > 12 and ordered(scores["results"]) == ordered(two_ranks)  # boxes, scores, RLE masks
     assert {f"eval_{k}": v for k, v in scores["metrics"].items()} == {k: best[k] for k in best if k.startswith("eval_")}
 
 

@@ -5,7 +5,9 @@
 
 Files: ``model.safetensors`` (the detector's state dict, fp32), ``config.yaml`` (the run's detect
 config, resolved), ``pretrain.yaml`` (the encoder's architecture), ``categories.json`` (label i ->
-COCO category id and name), ``metrics.json`` (the scores and where it came from) and a README.
+COCO category id and name), ``metrics.json`` (the scores and where it came from),
+``detections.json`` (its detections of the evaluation images in COCO's result format, which
+pycocotools' ``loadRes`` reads) and a README.
 Written into a staging directory beside ``best`` and renamed into place: a reader never sees half
 a model.
 """
@@ -26,12 +28,14 @@ from ..data.coco import CocoSplit
 from ..models import build_model
 from .model import PyramidFPN, build_mask_rcnn, build_pyramid
 
-WEIGHTS, CONFIG, PRETRAIN, CATEGORIES, METRICS, README = (
-    "model.safetensors", "config.yaml", "pretrain.yaml", "categories.json", "metrics.json", "README.md")
+WEIGHTS, CONFIG, PRETRAIN, CATEGORIES, METRICS, DETECTIONS, README = (
+    "model.safetensors", "config.yaml", "pretrain.yaml", "categories.json", "metrics.json", "detections.json",
+    "README.md")
 
 
 def write_best(out: Path, model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: DetectConfig,
-               pre: BootMAEConfig, split: CocoSplit, provenance: dict[str, Any]) -> Path:
+               pre: BootMAEConfig, split: CocoSplit, provenance: dict[str, Any],
+               detections: list[dict[str, Any]]) -> Path:
     """Write ``state`` (checked strictly against ``model``, the fp32 CPU copy) and its description
     into ``out`` at once."""
     from safetensors.torch import save_file
@@ -48,6 +52,7 @@ def write_best(out: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]
                   for i, (c, n) in enumerate(zip(split.category_ids, split.category_names))]
     (stage / CATEGORIES).write_text(json.dumps(categories, indent=1) + "\n")
     (stage / METRICS).write_text(json.dumps(provenance, indent=1, default=str) + "\n")
+    (stage / DETECTIONS).write_text(json.dumps(detections))
     (stage / README).write_text(
         f"# Mask R-CNN on a BootMAE ViT (bootmae-ds)\n\nBest box AP of run {provenance.get('run_dir')} "
         f"after step {provenance.get('step')}: box AP {provenance.get('eval_box_ap')}, mask AP "

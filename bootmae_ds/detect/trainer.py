@@ -206,7 +206,7 @@ class DetectTrainer(JobTrainer):
                               "images": scores["images"],
                               "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init"}
                 write_best(self.run_dir / "best", self.export_model, self.engine.module.state_dict(), self.cfg,
-                           self.pre, self.val_split, provenance)
+                           self.pre, self.val_split, provenance, scores["results"])
         row["best_box_ap"] = self.state.best_box_ap
         return True
 

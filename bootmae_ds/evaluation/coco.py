@@ -70,7 +70,7 @@ def coco_scores(gt: Any, results: list[dict[str, Any]], image_ids: list[int],
             metrics |= {f"{KINDS[kind]}_{s}": 0.0 for s in STATS}
         return metrics, "no detections: every AP is 0\n"
     with contextlib.redirect_stdout(text):
-        dt = gt.loadRes(results)
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys (id, area) to the dicts it gets
         for kind in kinds:
             print(f"== {kind} ({'boxes' if kind == 'bbox' else 'masks'}) ==")
             ev = COCOeval(gt, dt, kind)
@@ -102,7 +102,8 @@ def predict_share(model: torch.nn.Module, split: CocoSplit, rank: int, world_siz
 def evaluate_detector(model: torch.nn.Module, split: CocoSplit, rank: int, world_size: int, batch_size: int,
                       num_workers: int, device: torch.device, mask_threshold: float = 0.5) -> dict[str, Any]:
     """Score ``split`` (every image once over the ranks; a collective): ``{"metrics", "summary",
-    "detections", "images"}``; the metrics on every rank, the summary on rank 0."""
+    "detections", "images", "results"}``; the metrics on every rank, the summary and the results
+    (every detection in COCO's result format, in rank order) on rank 0."""
     results, seen = predict_share(model, split, rank, world_size, batch_size, num_workers, device, mask_threshold)
     gathered = gather_to_main((results, seen))
     payload: list[Any] = [None]
@@ -117,6 +118,7 @@ def evaluate_detector(model: torch.nn.Module, split: CocoSplit, rank: int, world
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
     out = dict(payload[0])
+    out["results"] = all_results if gathered is not None else []
     if gathered is None:
         out["summary"] = ""
     return out
