@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "models": 1, "data": 1, "runtime": 1,
     "interop": 2,
     "evaluation": 3,
-    "pretrain": 4, "finetune": 4, "linprobe": 4,
+    "pretrain": 4, "finetune": 4, "linprobe": 4, "detect": 4,
 }
 
 

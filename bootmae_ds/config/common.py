@@ -60,14 +60,20 @@ class DataConfig(Section):
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Accumulation steps for ``world_size`` ranks; raises if the batch does not divide."""
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"data.global_batch_size={self.global_batch_size}: must be a multiple of "
-                f"data.micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
-                f"set data.global_batch_size or data.micro_batch_size to fit {world_size} ranks"
-            )
-        return self.global_batch_size // per_step
+        return accumulation_steps(self.global_batch_size, self.micro_batch_size, world_size)
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """``data.global_batch_size / (data.micro_batch_size x world_size)``, or a ``ConfigError``
+    naming both fields when it does not divide (every job's data section asks this)."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"data.global_batch_size={global_batch}: must be a multiple of "
+            f"data.micro_batch_size x world_size = {micro_batch} x {world_size}; "
+            f"set data.global_batch_size or data.micro_batch_size to fit {world_size} ranks"
+        )
+    return global_batch // per_step
 
 
 class LabelledDataConfig(DataConfig):

@@ -16,6 +16,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -151,3 +152,30 @@ def init_distributed() -> DistInfo:
         _unlink_shm_buffer(int(os.environ["RANK"]))
     device = torch.device(accel.device_name(local_rank) if name != "cpu" else "cpu")
     return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device, name)
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's picklable ``obj`` on rank 0, in rank order (None on the other ranks; a
+    collective). Without a process group of more than one rank: ``[obj]``. Detections and other
+    results of uneven size per rank go this way; tensors of one shape are better all-gathered."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s persistent buffers of ``module`` (BatchNorm running statistics):
+    DDP's ``broadcast_buffers``, before an evaluation that must score the same model on every rank
+    (a collective; nothing to do in a world of one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    saved = module.state_dict(keep_vars=True).keys()  # persistent buffers and parameters
+    for name, buffer in module.named_buffers():
+        if name in saved:
+            dist.broadcast(buffer, src=src)

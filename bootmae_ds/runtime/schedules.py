@@ -56,3 +56,16 @@ class Schedules:
         end = o.weight_decay if end is None else end
         t = min(step, self.total_steps) / max(self.total_steps, 1)
         return end + 0.5 * (o.weight_decay - end) * (1 + math.cos(math.pi * t))
+
+
+def step_decay_lr(step: int, peak: float, steps_per_epoch: int, decay_epochs: list[int], factor: float,
+                  warmup_steps: int = 0, warmup_ratio: float = 1.0) -> float:
+    """mmdetection's step schedule of optimizer step ``step`` (0-based): ``peak`` times ``factor``
+    for each epoch of ``decay_epochs`` already completed (epoch index ``step // steps_per_epoch``
+    at or past it), times the linear warm-up factor ``1 - (1 - step / warmup_steps) (1 -
+    warmup_ratio)`` during the first ``warmup_steps`` steps ("1x": decay after epochs 8 and 11)."""
+    epoch = step // steps_per_epoch
+    lr = peak * factor ** sum(epoch >= e for e in decay_epochs)
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr

@@ -1,0 +1,230 @@
+"""The detection loop: build, resume, loop, evaluate, log, checkpoint, keep the best.
+
+Same engine, checkpoints, signals and logs as the other jobs (``bootmae_ds.runtime``): ZeRO-2 over
+a client AdamW whose groups carry the backbone's layer-wise lr scales; the engine holds fp32
+weights and the backbone computes under bf16 autocast on GPUs (``detect/model.py`` says why the
+heads stay fp32). COCOeval box and mask AP of every validation image (each on one rank, gathered
+on rank 0) every ``eval.every_epochs`` epochs and at the end; ``RUN/best/`` holds the detector
+with the best box AP.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, DetectConfig
+from ..data.coco import CocoError, CocoSplit, open_coco_split
+from ..data.demo_coco import ensure_demo_coco
+from ..data.detection import build_detection_loader
+from ..evaluation.coco import evaluate_detector
+from ..runtime.dist import broadcast_buffers
+from ..runtime.ds_config import build_ds_config, resolve_precision
+from ..runtime.metrics import MetricsLogger
+from ..runtime.optim import adamw, backbone_layer_decay_groups, set_hyperparameters
+from ..runtime.recovery import DataFaults
+from ..runtime.run import (
+    RunState,
+    checkpoint_dir,
+    resume_fingerprint,
+    run_and_close,
+    save_run_files,
+    start_engine,
+)
+from ..runtime.schedules import step_decay_lr
+from ..runtime.trainer import JobTrainer
+from .best import write_best
+from .model import BACKBONE, build_detector
+
+LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+@dataclass
+class DetectState(RunState):
+    """The run state plus the best evaluation so far."""
+
+    best_box_ap: float = -1.0
+    best_step: int = -1
+
+    # RUN/best may already hold a later, better detector than the checkpoint a rewind goes back to
+    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_box_ap", "best_step")
+
+
+def data_root(cfg: DetectConfig) -> Path:
+    """``data.root``: the demo set (built on first use) or a COCO directory."""
+    return ensure_demo_coco(cfg.data.cache_dir) if cfg.data.root == "demo" else Path(cfg.data.root)
+
+
+def open_splits(cfg: DetectConfig) -> tuple[CocoSplit, CocoSplit, int]:
+    """The checked training and evaluation splits and the number of classes (``CocoError`` /
+    ``ConfigError`` naming the file or field otherwise)."""
+    root, d = data_root(cfg), cfg.data
+    train = open_coco_split(root, d.train, train=True)
+    val = open_coco_split(root, d.val, train=False, limit=d.val_limit)
+    if val.category_ids != train.category_ids:
+        raise CocoError(f"{val.json_path}: its categories {val.category_ids[:8]} ... differ from the training "
+                        f"json's {train.category_ids[:8]} ...; both splits need the same category table")
+    num_classes = cfg.model.num_classes or train.num_classes
+    if num_classes != train.num_classes:
+        raise ConfigError(f"model.num_classes={num_classes}: {train.json_path} has {train.num_classes} "
+                          f"categories; set it to that or to null")
+    return train, val, num_classes
+
+
+class DetectTrainer(JobTrainer):
+    """Holds the engine, the loaders, the evaluation split and the run state."""
+
+    def __init__(self, cfg: DetectConfig, run_dir: Path, max_steps: int | None, resume: str,
+                 splits: tuple[CocoSplit, CocoSplit, int]) -> None:
+        self.start(cfg, run_dir)
+        self.train_split, self.val_split, num_classes = splits
+        self.precision = resolve_precision(cfg, self.info.accelerator)
+        autocast = torch.bfloat16 if self.precision == "bf16" else None
+        sync_bn = cfg.model.sync_bn == "on" or (cfg.model.sync_bn == "auto" and self.info.accelerator != "cpu")
+        model, pre, self.provenance = build_detector(cfg, num_classes, autocast, sync_bn)
+        self.pre = pre
+        cfg.data.mean, cfg.data.std = cfg.data.mean or pre.data.mean, cfg.data.std or pre.data.std
+        cfg.model.num_classes = num_classes
+        # The engine keeps fp32 weights and reduces fp32 gradients; the backbone autocasts to bf16.
+        self.ds_config = build_ds_config(cfg, self.info.world_size, "fp32")
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
+        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
+        self.export_model = copy.deepcopy(model) if self.info.is_main else None  # for RUN/best
+        groups = backbone_layer_decay_groups(model, pre.model.depth, cfg.optim.layer_decay, BACKBONE)
+        optimizer = adamw(groups, cfg.optim, self.device.type)
+        _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path, proposal sampling: per rank
+        self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
+                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        resized = self.resume_state(resumed, DetectState)
+        self.loader = self.train_loader(self._build_loader, resized)
+        self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
+        total = cfg.schedule.epochs * self.steps_per_epoch
+        self.total_steps = min(total, max_steps or total)
+        self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
+        self.watch(device_keys=())  # lists of tensors: moved in the step
+
+    # -- build ------------------------------------------------------------------------------
+    def _build_loader(self, cfg: DetectConfig, transform: Any = None, **where: Any) -> Any:
+        return build_detection_loader(cfg, self.train_split, **where)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The parts of the config a checkpoint must agree with to be resumed."""
+        d = self.cfg.data.model_dump(mode="json")
+        data = {k: d[k] for k in ("root", "val", "min_size", "max_size", "size_divisible", "hflip", "group_by_aspect")}
+        return resume_fingerprint(self.cfg, ("init", "model", "optim", "schedule")) | {"detect_data": data}
+
+    def lr(self, step: int) -> float:
+        s = self.cfg.schedule
+        return step_decay_lr(step, self.cfg.optim.lr, self.steps_per_epoch, s.decay_epochs, s.decay_factor,
+                             s.warmup_steps, s.warmup_ratio)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
+        sums: dict[str, torch.Tensor] = {}
+        micro, faults = 0, DataFaults()
+        step_start = time.perf_counter()
+        while self.state.step < self.total_steps:
+            for batch in self.batches:
+                self.last_batch = batch
+                step = self.state.step
+                lr = self.lr(step)
+                set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
+                images, targets = self._to_device(batch)
+                losses = self.engine(images, targets)
+                loss = sum(losses[k] for k in LOSSES)
+                self.engine.backward(loss)
+                # summed on the device: a read per micro-batch would stall it every time
+                for key, value in (("loss", loss), *((k, losses[k]) for k in LOSSES)):
+                    sums[key] = value.detach() + sums[key] if key in sums else value.detach()
+                micro += 1
+                faults.add(batch)
+                self.batches.prefetch()
+                before = self.engine.global_steps
+                self.engine.step()
+                if self.engine.global_steps == before:
+                    continue
+                self.count_step(batch, self.engine.was_step_applied())
+                wait, self.batches.wait_s = self.batches.wait_s, 0.0
+                means = {k: v / micro for k, v in sums.items()}
+                row = self.step_row(means, faults, step // self.steps_per_epoch, lr, time.perf_counter() - step_start, wait)
+                row["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+                evaluated = self._maybe_evaluate(row)
+                self.metrics.log(self.state.step, row)
+                sums, micro, faults, step_start = {}, 0, DataFaults(), time.perf_counter()
+                status = self._after_step(evaluated)
+                if status is not None:
+                    return status
+                if self.state.step >= self.total_steps:
+                    break
+        self._save()
+        self.metrics.close()
+        return 0
+
+    def _to_device(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Images as float in [0, 1] and targets on the device (NaN images for the drill)."""
+        images = [im.to(self.device, non_blocking=True).float().div_(255) for im in batch["images"]]
+        if self.poisoned_batch(batch):
+            images = [torch.full_like(im, float("nan")) for im in images]  # the debug.nan_steps drill
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+        return images, targets
+
+    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
+        """At the end of every ``eval.every_epochs``-th epoch and of the run: COCOeval, keep the best."""
+        step, per_epoch = self.state.step, self.steps_per_epoch
+        epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.eval.every_epochs == 0
+        if not (epoch_end or step == self.total_steps):
+            return False
+        d = self.cfg.data
+        broadcast_buffers(self.engine.module)  # rank 0's BatchNorm statistics: one model on every rank
+        scores = evaluate_detector(self.engine.module, self.val_split, self.info.rank, self.info.world_size,
+                                   d.eval_batch_size, min(d.num_workers, 4), self.device,
+                                   self.cfg.model.roi.mask_threshold)
+        metrics = scores["metrics"]
+        row.update({f"eval_{k}": v for k, v in metrics.items()})
+        row.update(eval_images=scores["images"], eval_detections=scores["detections"])
+        box_ap = metrics["box_ap"] or 0.0
+        if self.info.is_main:
+            out = self.run_dir / "eval"
+            out.mkdir(exist_ok=True)
+            (out / f"step_{step:08d}.txt").write_text(scores["summary"])
+            print(f"eval after step {step} (epoch {step / per_epoch:.2f}): box AP {box_ap:.2f}  mask AP "
+                  f"{metrics['mask_ap'] or 0.0:.2f}  on {scores['images']} images "
+                  f"({scores['detections']} detections); COCOeval tables in {out.name}/step_{step:08d}.txt",
+                  flush=True)
+        if box_ap > self.state.best_box_ap:
+            self.state.best_box_ap, self.state.best_step = box_ap, step
+            if self.info.is_main:
+                provenance = {"source": "detect", "run_dir": str(self.run_dir.resolve()), "step": step,
+                              "epoch": -(-step // per_epoch), **{f"eval_{k}": v for k, v in metrics.items()},
+                              "images": scores["images"],
+                              "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init"}
+                write_best(self.run_dir / "best", self.export_model, self.engine.module.state_dict(), self.cfg,
+                           self.pre, self.val_split, provenance, scores["results"])
+        row["best_box_ap"] = self.state.best_box_ap
+        return True
+
+
+def _seed_process_rngs(seed: int) -> None:
+    """Seed the generators drop path and the proposal samplers draw from (saved with every
+    checkpoint, so a resume continues their streams exactly)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def detect(cfg: DetectConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:
+    """Train and evaluate Mask R-CNN with ``cfg`` into ``run_dir``; returns the process exit status.
+    The data is checked before any process group or model is built (bad input: status 2)."""
+    splits = open_splits(cfg)
+    return run_and_close(lambda: DetectTrainer(cfg, run_dir, max_steps, resume, splits))
