@@ -11,7 +11,6 @@ with the best box AP.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +128,7 @@ class DetectTrainer(JobTrainer):
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
         sums: dict[str, torch.Tensor] = {}
         micro, faults = 0, DataFaults()
-        step_start = time.perf_counter()
+        self.step_clock.restart()
         while self.state.step < self.total_steps:
             for batch in self.batches:
                 self.last_batch = batch
@@ -153,11 +152,11 @@ class DetectTrainer(JobTrainer):
                 self.count_step(batch, self.engine.was_step_applied())
                 wait, self.batches.wait_s = self.batches.wait_s, 0.0
                 means = {k: v / micro for k, v in sums.items()}
-                row = self.step_row(means, faults, step // self.steps_per_epoch, lr, time.perf_counter() - step_start, wait)
-                row["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+                row = self.step_row(means, faults, step // self.steps_per_epoch, lr, wait)
                 evaluated = self._maybe_evaluate(row)
                 self.metrics.log(self.state.step, row)
-                sums, micro, faults, step_start = {}, 0, DataFaults(), time.perf_counter()
+                sums, micro, faults = {}, 0, DataFaults()
+                self.step_clock.restart()
                 status = self._after_step(evaluated)
                 if status is not None:
                     return status
