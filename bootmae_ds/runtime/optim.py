@@ -1,7 +1,8 @@
 """Optimizer parameter groups and the per-step hyperparameters every trainer writes into them.
 
 Pre-training splits {encoder, decoders} x {decay, no decay} so that an EMA of the encoder can
-shadow exactly the encoder's ZeRO partitions; fine-tuning uses timm's layer-wise lr decay groups.
+shadow exactly the encoder's ZeRO partitions; fine-tuning uses timm's layer-wise lr decay groups;
+dense transfer (segmentation, detection) the official segmentation constructor's, by parameter name.
 """
 
 from __future__ import annotations
@@ -72,3 +73,42 @@ def set_hyperparameters(optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay if group.get("apply_decay") else 0.0
+
+
+def backbone_layer_id(name: str, num_layers: int, prefix: str = "backbone.") -> int:
+    """The layer of parameter ``name`` in the official BEiT/BootMAE dense-transfer constructor
+    (``mmcv_custom/layer_decay_optimizer_constructor.py``): embeddings (cls token, mask token,
+    position embedding, patch embedding) 0, block i at i+1, everything else (the pyramid, the
+    heads) at ``num_layers + 1``."""
+    if name in (f"{prefix}cls_token", f"{prefix}mask_token", f"{prefix}pos_embed") or \
+            name.startswith(f"{prefix}patch_embed"):
+        return 0
+    if name.startswith(f"{prefix}blocks."):
+        return int(name[len(f"{prefix}blocks."):].split(".")[0]) + 1
+    return num_layers + 1
+
+
+def backbone_layer_decay_groups(model: nn.Module, num_layers: int, layer_decay: float,
+                                prefix: str = "backbone.") -> list[dict]:
+    """The official dense-transfer constructor's groups (``LayerDecayOptimizerConstructor``, the
+    segmentation config's ``paramwise_cfg=dict(num_layers=12, layer_decay_rate=0.65)``): one group
+    per layer and decay kind, ``lr_scale = layer_decay ** (num_layers + 1 - layer)`` (the heads 1,
+    block 12 ``layer_decay``, the embeddings ``layer_decay ** 13``), each with ``name`` and
+    ``apply_decay``; trainable parameters only.
+
+    Not decayed, as there: 1-D parameters (biases, norms, layer scales) and names ending ``.bias``.
+    Its further exemption of ``pos_embed`` and ``cls_token`` compares the *full* name (here
+    ``backbone.pos_embed``), so under a ``backbone.`` prefix the position embedding, the cls token
+    and the relative position tables are decayed: kept as the recipe was run.
+    """
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim == 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token"))
+        layer = backbone_layer_id(name, num_layers, prefix)
+        key = f"layer_{layer}_{'decay' if decay else 'no_decay'}"
+        group = groups.setdefault(key, {"params": [], "name": key, "apply_decay": decay, "weight_decay": 0.0,
+                                        "lr_scale": layer_decay ** (num_layers + 1 - layer)})
+        group["params"].append(param)
+    return list(groups.values())
