@@ -68,7 +68,7 @@ def _randomised(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("patch", [16, 8])
+@pytest.mark.parametrize("patch", [16, 8, 4])
 def test_forward_matches_the_official_backbone(patch) -> None:
     model = _randomised(ViTPyramid(64, patch, **TINY)).double().eval()
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)

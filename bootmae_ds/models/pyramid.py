@@ -132,7 +132,8 @@ class LayerScaleBlock(nn.Module):
 
 
 def _pyramid_ops(patch_size: int, dim: int, norm_layer: type[nn.Module]) -> list[nn.Module]:
-    """``fpn1..fpn4``: the stride-``patch_size`` maps to strides 4, 8, 16, 32 (the official ones)."""
+    """``fpn1..fpn4``: the stride-``patch_size`` maps to strides 4, 8, 16, 32 (the official layouts
+    for patch 16 and 8; for patch 4 identity and max-pools)."""
     def up() -> nn.ConvTranspose2d:
         return nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
 
@@ -142,7 +143,10 @@ def _pyramid_ops(patch_size: int, dim: int, norm_layer: type[nn.Module]) -> list
     if patch_size == 8:
         return [nn.Sequential(up()), nn.Identity(), nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2)),
                 nn.Sequential(nn.MaxPool2d(kernel_size=4, stride=4))]
-    raise ValueError(f"patch_size={patch_size}: the feature pyramid is defined for patch sizes 16 and 8")
+    if patch_size == 4:  # not in the official file: patch 8's pattern one octave down (the CPU demo)
+        return [nn.Identity(), nn.MaxPool2d(kernel_size=2, stride=2), nn.MaxPool2d(kernel_size=4, stride=4),
+                nn.MaxPool2d(kernel_size=8, stride=8)]
+    raise ValueError(f"patch_size={patch_size}: the feature pyramid is defined for patch sizes 16, 8 and 4")
 
 
 class ViTPyramid(nn.Module):
