@@ -123,6 +123,12 @@ def test_other_input_sizes_read_the_tables_they_need() -> None:
     assert model.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="multiples of the patch size 16"):
         model(torch.randn(1, 3, 40, 64))
+    # A block may serve two levels (encoders of fewer than 4 blocks): level 4 pools level 3's block.
+    twin = ViTPyramid(64, 16, **{**TINY, "out_indices": (1, 1, 3, 3)}).eval()
+    feats = twin(torch.randn(1, 3, 64, 64))
+    assert torch.equal(feats[3], F.max_pool2d(feats[2], 2))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ViTPyramid(64, 16, **{**TINY, "out_indices": (1, 0, 2, 3)})
 
 
 def test_from_encoder_carries_the_pretrained_blocks() -> None:

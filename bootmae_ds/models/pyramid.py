@@ -9,8 +9,8 @@ parameter names, so that released segmentation checkpoints (``backbone.*``) load
   ``(2Wh-1)(2Ww-1)+3`` entries per head: every patch-to-patch offset plus cls->patch, patch->cls
   and cls->cls; zero at the start), layer scale ``gamma_1``/``gamma_2`` (``init_values``) and
   stochastic depth rising linearly to ``drop_path_rate``;
-- the patch tokens of blocks ``out_indices`` (official: 3, 5, 7, 11, i.e. blocks 4, 6, 8, 12)
-  as maps of stride 16, turned into strides 4, 8, 16, 32 by ``fpn1`` (2x transposed conv, BN,
+- the patch tokens of blocks ``out_indices`` (official: 3, 5, 7, 11, i.e. blocks 4, 6, 8, 12;
+  a block may serve two levels, for encoders of fewer than 4 blocks) as maps of stride 16, turned into strides 4, 8, 16, 32 by ``fpn1`` (2x transposed conv, BN,
   GELU, 2x transposed conv), ``fpn2`` (2x transposed conv), ``fpn3`` (identity) and ``fpn4``
   (2x2 max-pool). The encoder's final LayerNorm is not used (the official backbone has none).
 
@@ -173,9 +173,10 @@ class ViTPyramid(nn.Module):
         norm_layer: type[nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        if len(out_indices) != 4 or list(out_indices) != sorted(set(out_indices)) or \
+        if len(out_indices) != 4 or list(out_indices) != sorted(out_indices) or \
                 not all(0 <= i < depth for i in out_indices):
-            raise ValueError(f"out_indices={tuple(out_indices)}: need 4 increasing block indices in 0..{depth - 1}")
+            raise ValueError(f"out_indices={tuple(out_indices)}: need 4 non-decreasing block indices in "
+                             f"0..{depth - 1}")
         self.embed_dim, self.depth, self.patch_size = embed_dim, depth, patch_size
         self.out_indices = tuple(out_indices)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
@@ -236,15 +237,16 @@ class ViTPyramid(nn.Module):
         for s = 4, 8, 16, 32."""
         x, grid = self._tokens(images)  # [B, 1+N, D]
         B, D = x.shape[0], x.shape[2]
-        maps = []
-        for i, block in enumerate(self.blocks):
+        maps: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks[:self.out_indices[-1] + 1]):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, grid, use_reentrant=False)
             else:
                 x = block(x, grid)
             if i in self.out_indices:
-                maps.append(x[:, 1:].transpose(1, 2).reshape(B, D, *grid))  # [B, D, H/p, W/p]
-        return [op(m) for op, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
+                maps[i] = x[:, 1:].transpose(1, 2).reshape(B, D, *grid)  # [B, D, H/p, W/p]
+        ops = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return [op(maps[i]) for op, i in zip(ops, self.out_indices)]
 
     @classmethod
     def from_encoder(cls, encoder: VisionTransformerEncoder, img_size: int | Grid = 512, **kwargs) -> ViTPyramid:
