@@ -9,10 +9,11 @@ from .base import ConfigError, describe
 from .finetune import FinetuneConfig, load_finetune_config
 from .linprobe import LinprobeConfig, load_linprobe_config
 from .pretrain import BootMAEConfig, load_config
+from .segment import SegmentConfig, load_segment_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`bootmae-config [CONFIG] [--set k=v ...] [--finetune | --linprobe]`: print the resolved config or the field list."""
+    """`bootmae-config [CONFIG] [--set k=v ...] [--finetune | --linprobe | --segment]`: print the resolved config or the field list."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("config", nargs="?", default=None, help="preset name or YAML path")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
@@ -20,15 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     job = parser.add_mutually_exclusive_group()
     job.add_argument("--finetune", action="store_true", help="a fine-tuning config (presets/finetune/)")
     job.add_argument("--linprobe", action="store_true", help="a linear-probing config (presets/linprobe/)")
+    job.add_argument("--segment", action="store_true", help="a segmentation config (presets/segment/)")
     args = parser.parse_args(argv)
     if args.describe:
-        print(describe(FinetuneConfig if args.finetune else LinprobeConfig if args.linprobe else BootMAEConfig))
+        print(describe(FinetuneConfig if args.finetune else LinprobeConfig if args.linprobe
+                       else SegmentConfig if args.segment else BootMAEConfig))
         return 0
     try:
         if args.finetune:
             cfg = load_finetune_config(args.config or "vit_base", args.set)
         elif args.linprobe:
             cfg = load_linprobe_config(args.config or "vit_base", args.set)
+        elif args.segment:
+            cfg = load_segment_config(args.config or "ade20k_base", args.set)
         else:
             cfg = load_config(args.config or "vit_base_800ep", args.set)
         print(cfg.to_yaml(), end="")

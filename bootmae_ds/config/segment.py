@@ -173,8 +173,8 @@ class SegmentConfig(Tree):
     def _check(self) -> SegmentConfig:
         if self.eval.stride > self.model.img_size:
             fail("eval.stride", self.eval.stride, f"must not exceed the window model.img_size={self.model.img_size}")
-        if sorted(set(self.model.out_indices)) != list(self.model.out_indices):
-            fail("model.out_indices", self.model.out_indices, "must be 4 increasing block indices")
+        if sorted(self.model.out_indices) != list(self.model.out_indices) or min(self.model.out_indices) < 0:
+            fail("model.out_indices", self.model.out_indices, "must be 4 non-decreasing block indices")
         return self
 
 

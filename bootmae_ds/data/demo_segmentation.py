@@ -1,8 +1,9 @@
 """The segmentation demo set: the demo digits pasted on textured canvases, in ADE20K's layout.
 
-Each image is a canvas of 48-80 x 64-112 px (sizes vary, as ADE20K's do) with a smooth colour field,
-stripes of a random angle and noise, and two or three scikit-learn digits (8x8, upsampled to
-20-36 px, in a random colour) pasted onto it. The label map follows ADE20K's convention: 0 = "other"
+Each image is a canvas of 48-80 x 64-112 px (sizes vary, as ADE20K's do) with a dark, smooth colour
+field, stripes of a random angle and noise, and two or three scikit-learn digits (8x8, upsampled to
+26-34 px, in a light colour, as the pre-training digits are light on dark; not overlapping) pasted
+onto it. The label map follows ADE20K's convention: 0 = "other"
 (ignored with ``reduce_zero_label``: here the soft rim of each digit's strokes), 1 = background,
 2 + d = digit d; so the segmentor sees 11 classes (background and the ten digits).
 
@@ -25,7 +26,7 @@ from PIL import Image
 
 from bootmae_ds.data.demo import default_cache_dir, demo_split
 
-DEMO_NAME = "digits-seg-v1"
+DEMO_NAME = "digits-seg-v3"
 SPLITS = {"training": ("train", 600), "validation": ("test", 150)}  # our split -> (digit split, images)
 CLASSES = ["background", *(f"digit {d}" for d in range(10))]  # after reduce_zero_label
 
@@ -37,8 +38,18 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     angle, period = rng.random() * math.pi, 4 + rng.random() * 8
     yy, xx = np.mgrid[0:h, 0:w]
     stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-    field = field * 0.7 + (stripes[..., None] * 30 * rng.random(3)) + rng.normal(0, 8, (h, w, 3))
+    field = field * 0.15 + (stripes[..., None] * 8 * rng.random(3)) + rng.normal(0, 4, (h, w, 3))
     return np.clip(field, 0, 255)
+
+
+def _place(rng: np.random.Generator, h: int, w: int, side: int, taken: list[tuple[int, int, int, int]]
+           ) -> tuple[int, int] | None:
+    """A top-left corner for a ``side`` square that overlaps no box of ``taken`` (20 tries)."""
+    for _ in range(20):
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        if all(top + side <= t or t + s <= top or left + side <= lft or lft + s <= left for t, lft, s, _ in taken):
+            return top, left
+    return None
 
 
 def _canvas(rng: np.random.Generator, digits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,21 +57,25 @@ def _canvas(rng: np.random.Generator, digits: np.ndarray, targets: np.ndarray) -
     h, w = int(rng.integers(48, 81)), int(rng.integers(64, 113))
     image = _texture(rng, h, w)
     label = np.ones((h, w), dtype=np.uint8)
+    taken: list[tuple[int, int, int, int]] = []
     for _ in range(int(rng.integers(2, 4))):
-        i = int(rng.integers(len(digits)))
-        side = int(rng.integers(20, 37))
+        i, side = int(rng.integers(len(digits))), int(rng.integers(26, 35))
+        corner = _place(rng, h, w, min(side, h, w), taken)
+        if corner is None:
+            continue
+        top, left = corner
         side = min(side, h, w)
+        taken.append((top, left, side, i))
         grey = Image.fromarray(np.round(digits[i] * (255 / 16)).astype(np.uint8)).resize((side, side), Image.BICUBIC)
         alpha = np.asarray(grey, dtype=np.float32)[..., None] / 255  # [s, s, 1]
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        colour = rng.uniform(0, 255, 3)
+        colour = np.clip(rng.uniform(200, 255) + rng.uniform(-25, 25, 3), 0, 255)
         patch = image[top:top + side, left:left + side]
         image[top:top + side, left:left + side] = patch * (1 - alpha) + colour * alpha
         strokes, rim = alpha[..., 0] > 0.5, (alpha[..., 0] > 0.2) & (alpha[..., 0] <= 0.5)
         region = label[top:top + side, left:left + side]
         region[rim] = 0
         region[strokes] = 2 + int(targets[i])
-    return np.round(image).astype(np.uint8), label
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), label
 
 
 def build_demo_segmentation(out: str | Path) -> Path:

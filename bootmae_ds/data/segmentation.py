@@ -24,7 +24,7 @@ from PIL import Image
 
 from bootmae_ds.config.base import InputError
 from bootmae_ds.data import plan
-from bootmae_ds.data.shards import MANIFEST_NAME, image_member, make_key
+from bootmae_ds.data.shards import MANIFEST_NAME, SEG_MEMBER, image_member, make_key
 from bootmae_ds.data.sources import (
     FOLDER_SHARD_SIZE,
     RawSample,
@@ -35,7 +35,6 @@ from bootmae_ds.data.sources import (
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-LABEL_MEMBER = "seg.png"  # a shard sample's label map (webdataset member KEY.seg.png)
 
 
 class SegmentationDataError(InputError, ValueError):
@@ -126,10 +125,10 @@ class SegTarSource(TarSource):
 
     def _sample(self, key: str, parts: dict[str, bytes], shard_name: str, origin: str) -> RawSample:
         ext = image_member(parts)
-        if ext is None or LABEL_MEMBER not in parts:
-            return RawSample(key, None, 0, f"{shard_name}: sample {key} lacks an image or .{LABEL_MEMBER} "
+        if ext is None or SEG_MEMBER not in parts:
+            return RawSample(key, None, 0, f"{shard_name}: sample {key} lacks an image or .{SEG_MEMBER} "
                              f"member (not a segmentation shard?)", origin)
-        return RawSample(key, (parts[ext], parts[LABEL_MEMBER]), 0, None, origin)
+        return RawSample(key, (parts[ext], parts[SEG_MEMBER]), 0, None, origin)
 
 
 def open_segmentation_source(spec: str, split: str, seed: int | None, cache_dir: str | None = None,

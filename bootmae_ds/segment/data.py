@@ -144,12 +144,19 @@ class SegTrainTransform:
         return box
 
 
-def build_segment_loader(cfg: SegmentConfig, *, rank: int, world_size: int, state: dict[str, Any] | None = None,
-                         transform: Any = None) -> TrainLoader:
-    """This rank's streaming training loader over ``data.train`` (the pre-training loader's
-    machinery: equal batches on every rank, exact mid-epoch resume, damaged samples replaced)."""
+def open_train_source(cfg: SegmentConfig) -> Source:
+    """``data.train``, a folder's pairs shuffled with the run seed."""
     d = cfg.data
-    source = open_segmentation_source(d.train, d.train_split, cfg.run.seed, d.cache_dir, d.shard_url_template)
+    return open_segmentation_source(d.train, d.train_split, cfg.run.seed, d.cache_dir, d.shard_url_template)
+
+
+def build_segment_loader(cfg: SegmentConfig, *, rank: int, world_size: int, state: dict[str, Any] | None = None,
+                         transform: Any = None, source: Source | None = None) -> TrainLoader:
+    """This rank's streaming training loader over ``source`` (default: ``data.train``), with the
+    pre-training loader's machinery: equal batches on every rank, exact mid-epoch resume, damaged
+    samples replaced."""
+    d = cfg.data
+    source = source or open_train_source(cfg)
     source.check()
     total = source.num_samples if d.num_samples is None else min(d.num_samples, source.num_samples)
     dataset = StreamingDataset(source=source, transform=transform or SegTrainTransform.from_config(cfg), rank=rank,

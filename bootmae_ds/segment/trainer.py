@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from .data import (
     device_batch,
     eval_samples,
     open_eval_source,
+    open_train_source,
 )
 from .model import Segmentor, build_segmentor, predict, segmentation_loss
 
@@ -132,6 +134,7 @@ class SegmentTrainer(JobTrainer):
 
     def __init__(self, cfg: SegmentConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.start(cfg, run_dir)
+        self.train_source, self.val_source = open_train_source(cfg), open_eval_source(cfg)  # checked: fail fast
         model, self.pre, self.provenance = build_segmentor(cfg)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
@@ -151,13 +154,13 @@ class SegmentTrainer(JobTrainer):
         self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
         resized = self.resume_state(resumed, SegmentState)
-        self.loader = self.train_loader(build_segment_loader, resized, SegTrainTransform.from_config(cfg))
+        self.loader = self.train_loader(partial(build_segment_loader, source=self.train_source), resized,
+                                        SegTrainTransform.from_config(cfg))
         self.steps_per_epoch = max(len(self.loader) // self.accum, 1)
         self.total_steps = min(cfg.schedule.iters, max_steps or cfg.schedule.iters)
         d = cfg.data
         self.mean = torch.tensor(d.mean, device=self.device)
         self.std = torch.tensor(d.std, device=self.device)
-        self.val_source = open_eval_source(cfg)
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.watch(device_keys=("images", "masks"))
         # the label maps are checked on the host, before they go to the device
