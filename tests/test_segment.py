@@ -24,6 +24,7 @@ from bootmae_ds.segment.data import (
     SegTrainTransform,
     check_labels,
     device_batch,
+    eval_views,
     reduce_zero_label,
     rescale_size,
     setr_scale,
@@ -33,6 +34,7 @@ from bootmae_ds.segment.model import (
     WeightsError,
     cross_entropy,
     load_weights,
+    predict,
     slide_logits,
     window_boxes,
 )
@@ -348,3 +350,50 @@ def test_segmentation_shards_round_trip(tmp_path) -> None:
     from_folder = {r.data for s in range(len(folder.shards)) for _, r in folder.read(s, 0, folder.shards[s].count, lambda _: True)}
     from_shards = {r.data for s in range(len(shards.shards)) for _, r in shards.read(s, 0, shards.shards[s].count, lambda _: True)}
     assert from_folder == from_shards and len(from_folder) == 5
+
+
+def test_multi_scale_and_flip_average_the_views_probabilities() -> None:
+    model = _randomised(_tiny_segmentor()).eval()
+    cfg = load_segment_config("demo", ["model.num_classes=5", "model.channels=16", "model.aux_channels=8",
+                                       "eval.flip=true", "eval.ratios=[1.0,1.5]"])
+    image = torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8)
+    views = eval_views(image, cfg)  # SETR's resize: short side max(64, ratio x 64), aspect kept
+    assert [tuple(v.shape[-2:]) for v in views] == [(64, 107), (96, 160)]
+
+    def normalise(v: torch.Tensor) -> torch.Tensor:
+        return (v.float()[None] / 255 - 0.5) / 0.5
+
+    probs = torch.zeros(1, 5, 48, 80)
+    for v in views:  # mmseg's aug_test: softmax of each view at the original size, flips flipped back
+        for flip in (False, True):
+            x = normalise(v).flip(-1) if flip else normalise(v)
+            p = F.interpolate(slide_logits(model, x, 64, 43), size=(48, 80), mode="bilinear",
+                              align_corners=False).softmax(1)
+            probs += p.flip(-1) if flip else p
+    assert torch.equal(predict(model, views, (48, 80), cfg, normalise), probs[0].argmax(0))
+    single = load_segment_config("demo", ["model.num_classes=5"])
+    assert [tuple(v.shape[-2:]) for v in eval_views(image, single)] == [(64, 107)]
+
+
+def test_mae_and_timm_files_give_their_encoder(tmp_path) -> None:
+    import timm
+    from conftest import tiny_config
+
+    from bootmae_ds.config.common import InitConfig
+    from bootmae_ds.interop.encoders import ExportError, from_timm, is_timm_file, load_init_encoder
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4,
+                            embed_dim=96, depth=4, num_heads=4).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # k biases too: dropping them must change nothing
+    torch.save({"model": ref.state_dict(), "epoch": 3}, tmp_path / "mae.pth")
+    assert is_timm_file(tmp_path / "mae.pth")
+    encoder = from_timm(tmp_path / "mae.pth", tiny_config()).encoder
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(encoder.forward_features(images), ref.forward_features(images), atol=1e-5)
+    with pytest.raises(ExportError, match="one encoder; use init.which=online"):
+        load_init_encoder(InitConfig(source=str(tmp_path / "mae.pth"), which="momentum"), 0)
+    with pytest.raises(ExportError, match="does not fit the encoder"):  # a ViT-B config for a tiny file
+        load_init_encoder(InitConfig(source=str(tmp_path / "mae.pth")), 0)

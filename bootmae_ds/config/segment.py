@@ -110,6 +110,10 @@ class SegmentDataConfig(Section):
     cache_dir: str | None = Field(None, description="Where the demo set is built; null = ~/.cache/bootmae_ds.")
     reduce_zero_label: bool = Field(True, description="Label 0 ('other') -> ignored, the rest minus 1 (ADE20K).")
     ignore_index: int = Field(255, ge=0, description="Label value left out of loss and scores.")
+    label_map: dict[int, int] = Field(default_factory=dict, description="Raw label value -> new value, "
+                                      "applied before reduce_zero_label (mmseg's label_map: merge classes).")
+    classes: list[str] | None = Field(None, description="Class names for the per-class tables; null = "
+                                      "classes.txt beside the evaluation root when it has model.num_classes lines.")
     img_scale: tuple[int, int] = Field((2048, 512), description="Resize target (long, short) side bound, "
                                        "keeping the ratio (training: times a random ratio; evaluation: as is).")
     ratio_range: tuple[float, float] = Field((0.5, 2.0), description="Training scale ratio, uniform.")
@@ -133,6 +137,8 @@ class SegmentDataConfig(Section):
             fail("data.ratio_range", self.ratio_range, "needs 0 < low <= high")
         if min(self.img_scale) < 1:
             fail("data.img_scale", self.img_scale, "sides must be positive")
+        if any(not 0 <= k <= 255 or not 0 <= v <= 255 for k, v in self.label_map.items()):
+            fail("data.label_map", self.label_map, "maps label values 0..255 to 0..255")
         return self
 
 

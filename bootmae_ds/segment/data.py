@@ -3,7 +3,7 @@ and the held-out images resized for sliding-window scoring, each on exactly one 
 
 Training (mmseg's train_pipeline of the official config), per sample with a generator seeded from
 (seed, epoch, key), so a resumed run re-draws exactly the same augmentations:
-``reduce_zero_label`` -> resize by a random ratio of ``img_scale`` keeping the aspect ratio
+``label_map`` and ``reduce_zero_label`` -> resize by a random ratio of ``img_scale`` keeping the aspect ratio
 (bilinear for the image, nearest for the labels) -> random crop of ``model.img_size`` whose
 largest class covers less than ``cat_max_ratio`` of the labelled pixels (up to 10 redraws) ->
 flip -> PhotoMetricDistortion -> pad to the crop size. The geometric steps are torchvision
@@ -19,7 +19,7 @@ resize per ratio), the label map kept at the original size (scores are computed 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,17 @@ def reduce_zero_label(label: torch.Tensor, ignore_index: int = 255) -> torch.Ten
     """ADE20K's labels: 0 ("other") -> ignored, 1..K -> 0..K-1, ``ignore_index`` stays ignored."""
     out = label.to(torch.int16) - 1
     return out.masked_fill((label == 0) | (label == ignore_index), ignore_index)
+
+
+def prepare_labels(label: torch.Tensor, label_map: dict[int, int], reduce_zero: bool, ignore_index: int) -> torch.Tensor:
+    """A decoded uint8 label map as training and scoring see it (int16): ``label_map`` first (raw
+    value -> new value, mmseg's way of merging classes), then ``reduce_zero_label``."""
+    if label_map:
+        lut = torch.arange(256, dtype=torch.int16)
+        for old, new in label_map.items():
+            lut[old] = new
+        label = lut[label.long()]
+    return reduce_zero_label(label, ignore_index) if reduce_zero else label.to(torch.int16)
 
 
 def rescale_size(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -94,16 +105,17 @@ class SegTrainTransform:
     photometric: bool = True
     reduce_zero_label: bool = True
     ignore_index: int = 255
+    label_map: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: SegmentConfig) -> SegTrainTransform:
         d = cfg.data
         return cls(cfg.model.img_size, cfg.run.seed, d.img_scale, d.ratio_range, d.cat_max_ratio, d.hflip,
-                   d.photometric, d.reduce_zero_label, d.ignore_index)
+                   d.photometric, d.reduce_zero_label, d.ignore_index, dict(d.label_map))
 
     def __call__(self, data: tuple[bytes, bytes], epoch: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = decode_pair(data)
-        label = reduce_zero_label(label, self.ignore_index) if self.reduce_zero_label else label.to(torch.int16)
+        label = prepare_labels(label, self.label_map, self.reduce_zero_label, self.ignore_index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, key) % 2**63)
         pair = (tv_tensors.Image(image), tv_tensors.Mask(label))
         ratio = self.ratio_range[0] + (self.ratio_range[1] - self.ratio_range[0]) * torch.rand((), generator=g).item()
@@ -246,7 +258,7 @@ class SegEvalShare(IterableDataset):
                 except Exception as err:  # noqa: BLE001 - named in the main process
                     yield out | {"error": f"evaluation sample {raw.key} ({raw.origin}): {err}"}
                     continue
-                label = reduce_zero_label(label, d.ignore_index) if d.reduce_zero_label else label.to(torch.int16)
+                label = prepare_labels(label, dict(d.label_map), d.reduce_zero_label, d.ignore_index)
                 yield out | {"views": eval_views(image, self.cfg), "label": label.long()}
             base += spec.count
 

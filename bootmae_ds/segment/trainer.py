@@ -240,8 +240,10 @@ class SegmentTrainer(JobTrainer):
         return True
 
     def class_names(self) -> list[str] | None:
-        """Class names for the tables: ``classes.txt`` beside an ADE20K-style root (the demo has
-        one; for ADE20K the 150 objectInfo150 names) when it lists ``num_classes`` names."""
+        """Class names for the tables: ``data.classes``, else ``classes.txt`` beside an ADE20K-style
+        root (the demo has one) when it lists ``num_classes`` names."""
+        if self.cfg.data.classes and len(self.cfg.data.classes) == self.cfg.model.num_classes:
+            return list(self.cfg.data.classes)
         for root in (Path(self.cfg.data.val), getattr(self.val_source, "root", Path("."))):
             path = Path(root) / "classes.txt"
             if path.is_file():
