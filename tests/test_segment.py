@@ -375,25 +375,24 @@ def test_multi_scale_and_flip_average_the_views_probabilities() -> None:
     assert [tuple(v.shape[-2:]) for v in eval_views(image, single)] == [(64, 107)]
 
 
-def test_mae_and_timm_files_give_their_encoder(tmp_path) -> None:
+def test_an_mae_or_timm_file_becomes_the_backbone(tmp_path) -> None:
     import timm
-    from conftest import tiny_config
 
-    from bootmae_ds.config.common import InitConfig
-    from bootmae_ds.interop.encoders import ExportError, from_timm, is_timm_file, load_init_encoder
+    from bootmae_ds.segment.model import build_segmentor
 
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4,
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, patch_size=16,
                             embed_dim=96, depth=4, num_heads=4).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # k biases too: dropping them must change nothing
     torch.save({"model": ref.state_dict(), "epoch": 3}, tmp_path / "mae.pth")
-    assert is_timm_file(tmp_path / "mae.pth")
-    encoder = from_timm(tmp_path / "mae.pth", tiny_config()).encoder
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(encoder.forward_features(images), ref.forward_features(images), atol=1e-5)
-    with pytest.raises(ExportError, match="one encoder; use init.which=online"):
-        load_init_encoder(InitConfig(source=str(tmp_path / "mae.pth"), which="momentum"), 0)
-    with pytest.raises(ExportError, match="does not fit the encoder"):  # a ViT-B config for a tiny file
-        load_init_encoder(InitConfig(source=str(tmp_path / "mae.pth")), 0)
+    # the file's architecture (init.config): the demo encoder with 16-px patches at 64 px
+    (tmp_path / "arch.yaml").write_text("base: demo\nmodel: {img_size: 64, patch_size: 16}\nmask: {num_masked: 8}\n")
+    cfg = load_segment_config("demo", [f"init.source={tmp_path / 'mae.pth'}", f"init.config={tmp_path / 'arch.yaml'}"])
+    model, _, provenance = build_segmentor(cfg)
+    assert provenance["source"] == "timm" and provenance["unused"] == []
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # gamma 1 and zero tables: the backbone's blocks are timm's blocks
+        ours = model.backbone.eval()(images)[2]  # stride 16: block 3's tokens as they are
+        theirs = ref.blocks[:3](ref._pos_embed(ref.patch_embed(images)))[:, 1:]
+    assert torch.allclose(ours, theirs.transpose(1, 2).reshape(2, 96, 4, 4), atol=1e-5)

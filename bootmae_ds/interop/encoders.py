@@ -1,6 +1,5 @@
 """Encoders from wherever they were trained: a run's ZeRO checkpoint of any world size
-(consolidated in fp32 on one CPU process), a released official BootMAE ``.pth``, or (for the
-downstream jobs' ``init.source``) an MAE / timm ViT file or one of our exports.
+(consolidated in fp32 on one CPU process) or a released official BootMAE ``.pth``.
 
 ``which`` picks the online encoder (ZeRO's fp32 master weights) or the momentum encoder (its
 fp32 EMA shards, never the bf16 copy the target forward uses; ``model_ema`` of an official file).
@@ -13,12 +12,9 @@ a timm table may be learned) are in ``RUN/init_frozen.safetensors`` and are used
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,7 @@ from ..runtime.checkpoint import (
     validate_checkpoint,
 )
 from ..runtime.sharded_ema import consolidate_shards
-from . import mae, official
+from . import official
 
 WHICH = ("online", "momentum")
 INIT_FROZEN = "init_frozen.safetensors"  # a run's frozen tensors when it started from other weights
@@ -252,63 +248,19 @@ def from_official(path: Path, arch: str = "base", which: str = "online") -> Enco
         "fingerprint": cfg.fingerprint(), "which": which})
 
 
-def _state_of(path: Path) -> Mapping[str, Any]:
-    """The state dict of a torch or safetensors file (under ``model`` / ``state_dict`` or bare),
-    loaded without unpickling arbitrary code (released BootMAE files carry an argparse.Namespace)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types for damaged files
-        raise ExportError(f"{path}: unreadable ({type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
-    if not isinstance(blob, Mapping):
-        raise ExportError(f"{path}: holds a {type(blob).__name__}, not a state dict")
-    return next((blob[k] for k in ("model", "state_dict") if isinstance(blob.get(k), Mapping)), blob)
-
-
-def from_timm(path: Path, cfg: BootMAEConfig) -> EncoderExport:
-    """The encoder of an MAE release, a timm ViT state dict or one of our exports
-    (``model.safetensors``), of the architecture of ``cfg``; its position table as it is (MAE's
-    sin-cos, timm's learned), the k part of ``qkv.bias`` dropped (exact, see ``interop/mae.py``)."""
-    try:
-        ours, unused = mae.to_ours(_state_of(path), decoders=False)
-    except mae.LayoutError as err:
-        raise ExportError(f"{path}: {err}") from None
-    state = {k[len("encoder."):]: v for k, v in ours.items() if k.startswith("encoder.")}
-    encoder = load_encoder(cfg, state, f"{path} (MAE/timm ViT)", state.get("pos_embed"))
-    return EncoderExport(encoder, cfg, {"source": "timm", "file": str(path.resolve()), "unused": unused,
-                                        "fingerprint": cfg.fingerprint(), "which": "online"})
-
-
-def is_timm_file(path: Path) -> bool:
-    """Whether ``path`` holds an MAE / timm ViT state dict (not a released BootMAE file)."""
-    return path.suffix == ".safetensors" or mae.is_timm_layout(_state_of(path))
-
-
 def load_init_encoder(init: InitConfig, seed: int) -> tuple[VisionTransformerEncoder, BootMAEConfig, dict[str, Any]]:
     """(fp32 encoder, its pre-training config, provenance) for ``init``: a run directory, an
-    official ``.pth``, an MAE / timm ViT file or one of our export directories (architecture:
-    ``init.arch``), or ``random`` (a fresh encoder of ``init.config`` seeded with ``seed``)."""
+    official ``.pth`` or ``random`` (a fresh encoder of ``init.config`` seeded with ``seed``)."""
     if init.source == "random":
         pre = load_config(init.config)
         torch.manual_seed(seed)
         return build_model(pre).encoder, pre, {"source": "random", "config": init.config}
     path = Path(init.source)
-    export = path / "model.safetensors"
-    if path.is_file() or (path.is_dir() and export.is_file() and (path / "config.json").is_file()):
-        file = path if path.is_file() else export
-        if is_timm_file(file):
-            if init.which == "momentum":
-                raise ExportError(f"{file}: an MAE/timm file or an export has one encoder; use init.which=online")
-            exp = from_timm(file, load_config(official.ARCH_PRESETS[init.arch]))
-        else:
-            exp = from_official(path, init.arch, init.which)
+    if path.is_file():
+        exp = from_official(path, init.arch, init.which)
     elif path.is_dir():
         exp = from_run(path, init.tag, init.which)
     else:
-        raise FileNotFoundError(f"init.source={init.source!r}: neither a run directory, an official .pth, an "
-                                f"MAE/timm file, an export directory, nor 'random'")
+        raise FileNotFoundError(f"init.source={init.source!r}: neither a run directory, an official .pth, "
+                                f"nor 'random'")
     return exp.encoder, exp.cfg, exp.provenance

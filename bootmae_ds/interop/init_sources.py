@@ -324,3 +324,11 @@ def read_initial_state(init: PretrainInitConfig, cfg: BootMAEConfig,
                   **{k: v for k, v in meta.items() if v is not None}, "loaded": loaded, "fresh": fresh,
                   "tables": tables, "unused": unused + dropped}
     return InitialState(model, teacher, provenance)
+
+
+def read_vit_state(path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """The state dict of a checkpoint file (unwrapped from ``model`` / ``state_dict``) and its layout:
+    ``bootmae`` (ours, the official release), ``timm`` (MAE, timm, our exports) or None. For jobs that
+    take an encoder from any file (``interop/transfer.py``)."""
+    state = _unwrap(_read_file(path))[1]
+    return state, _layout_of(state)

@@ -2,7 +2,8 @@
 sliding-window inference, and loading released mmseg checkpoints.
 
 - Backbone: :class:`bootmae_ds.models.pyramid.ViTPyramid` made from the ``init`` encoder (any
-  source: a run, an official ``.pth``, random), heads from :mod:`.heads`.
+  source: a run, an official ``.pth``, an MAE / timm file, an export, random:
+  ``interop/transfer.py``), heads from :mod:`.heads`.
 - Loss: each head's logits are upsampled (bilinear) to the label size and scored by cross-entropy
   with ``ignore_index``; mmseg 0.x averages over every pixel, ignored ones counting zero
   (``model.loss_average``); the auxiliary loss is weighted ``model.aux_loss_weight``.
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..config import BootMAEConfig, InputError
 from ..config.segment import SegmentConfig
-from ..interop.encoders import load_init_encoder
+from ..interop.transfer import load_transfer_encoder
 from ..models.pyramid import ViTPyramid, drop_relative_position_index
 from .heads import FCNHead, UPerHead, resize
 
@@ -133,7 +134,7 @@ def predict(model: Segmentor, views: list[torch.Tensor], size: tuple[int, int], 
 
 def build_segmentor(cfg: SegmentConfig) -> tuple[Segmentor, BootMAEConfig, dict[str, Any]]:
     """The segmentor of ``cfg`` on the ``init`` encoder, its pre-training config and provenance."""
-    encoder, pre, provenance = load_init_encoder(cfg.init, cfg.run.seed)
+    encoder, pre, provenance = load_transfer_encoder(cfg.init, cfg.run.seed)
     m = cfg.model
     try:
         backbone = ViTPyramid.from_encoder(encoder.float(), m.img_size, drop_path_rate=m.drop_path,
