@@ -26,6 +26,8 @@ needs from them (see :func:`relative_position_bias`). ``fpn1``'s BatchNorm is ``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
@@ -62,9 +64,17 @@ def relative_position_bias(table: torch.Tensor, table_grid: Grid, grid: Grid,
         table = torch.cat([offsets, table[-EXTRA_OFFSETS:]])  # [(2h-1)(2w-1)+3, heads]
         index = None
     if index is None:
-        index = gen_relative_position_index(tuple(grid), class_token=True, device=table.device)
+        index = grid_index(tuple(grid), table.device)
     n = index.shape[0]
     return table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [heads, 1+N, 1+N]
+
+
+@functools.lru_cache(maxsize=2)
+def grid_index(grid: Grid, device: torch.device) -> torch.Tensor:
+    """BEiT's relative position index ``[1+N, 1+N]`` of ``grid`` (cls token included), made once per
+    grid and device and shared: every block of a forward reads (and autograd keeps) one copy, which
+    matters at detection sizes (4,201 tokens: 141 MB of int64). The last two grids are kept."""
+    return gen_relative_position_index(grid, class_token=True, device=device)
 
 
 class RelPosAttention(nn.Module):
