@@ -21,9 +21,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bootmae_ds.config import load_config, load_segment_config  # noqa: E402
-from bootmae_ds.models.pyramid import ViTPyramid  # noqa: E402
-from bootmae_ds.segment.model import Segmentor, segmentation_loss  # noqa: E402
+from bootmae_ds.config import load_config, load_segment_config
+from bootmae_ds.models.pyramid import ViTPyramid
+from bootmae_ds.segment.model import Segmentor, segmentation_loss
 
 GiB = 2**30
 # ViT-L: BEiT's UperNet uses blocks 8, 12, 16, 24 and a 1024-wide head; ViT-B is the official config.

@@ -17,7 +17,7 @@ from .pretrain import BootMAEConfig, build_config, load_config, pretrain_presets
 from .segment import SegmentConfig, load_segment_config
 
 __all__ = [
-    "BootMAEConfig", "ConfigError", "FinetuneConfig", "InputError", "LinprobeConfig", "build_config",
-    "SegmentConfig", "describe", "load_config", "load_finetune_config", "load_linprobe_config",
+    "BootMAEConfig", "ConfigError", "FinetuneConfig", "InputError", "LinprobeConfig", "SegmentConfig",
+    "build_config", "describe", "load_config", "load_finetune_config", "load_linprobe_config",
     "load_segment_config", "pretrain_presets",
 ]
