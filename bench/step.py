@@ -14,7 +14,8 @@ One process, no DeepSpeed (the step itself: forward, losses, backward, AdamW, EM
 - MAE: our encoder with MAE's 8-block 512-wide decoder and no feature branch, for the momentum
   overhead; and our step with the momentum encoder fed 25/50/75/100% of the patches (Table 5).
 Prints img/s, analytic FLOPs per image, achieved FLOP/s against a large GEMM measured in the same
-run and dtype, and peak memory on GPUs.
+run and dtype, and peak memory on GPUs. ``--only segment`` times a segmentation step instead (UperNet
+on the ViT at ``--seg-img`` px, the ADE20K recipe; FLOPs: 3x the counted forward).
 """
 
 from __future__ import annotations
@@ -163,7 +164,40 @@ def reference_step(cfg, batch: int, device, dtype):
     return step
 
 
-PARTS = ("ours", "compiled", "reference", "mae", "fractions")
+def segment_step(size: str, batch: int, device, dtype, img: int = 512):
+    """A closure running one UperNet training step (the official ADE20K recipe's model on the ViT
+    of ``size`` at ``img`` px: forward, both losses, backward, AdamW over the official layer-decay
+    groups), and the forward FLOPs per image counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bootmae_ds.config.segment import load_segment_config
+    from bootmae_ds.models.pyramid import ViTPyramid
+    from bootmae_ds.runtime.optim import backbone_layer_decay_groups
+    from bootmae_ds.segment.model import Segmentor, segmentation_loss
+
+    m = load_config("vit_base_800ep", [f"model.size={size}"]).model
+    out = (3, 5, 7, 11) if m.depth == 12 else tuple(round(m.depth * k / 12) - 1 for k in (4, 6, 8, 12))
+    cfg = load_segment_config("ade20k_base", [f"model.img_size={img}", f"eval.stride={min(img, 341)}",
+                                              f"model.out_indices={list(out)}",
+                                              f"model.channels={m.embed_dim}"])
+    backbone = ViTPyramid(img, m.patch_size, 3, m.embed_dim, m.depth, m.num_heads, out_indices=out)
+    model = Segmentor(backbone, cfg).to(device, dtype).train()
+    opt = torch.optim.AdamW(backbone_layer_decay_groups(model, m.depth, 0.65), lr=1e-4)
+    images = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
+    labels = torch.randint(0, 150, (batch, img, img), device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)  # the training forward (both heads); BN needs the batch
+    flops = float(counter.get_total_flops()) / batch
+
+    def step() -> None:
+        segmentation_loss(model(images), labels, cfg)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, flops
+
+
+PARTS = ("ours", "compiled", "reference", "mae", "fractions", "segment")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -182,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fractions", default="0.25,0.5,0.75", help="momentum-input fractions to time")
     parser.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring one")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--seg-img", type=int, default=512, help="image side of the segment part (UperNet)")
     a = parser.parse_args(argv)
-    parts = set(a.only.split(",")) if a.only else {p for p in PARTS if p != "compiled" or a.compile}
+    parts = set(a.only.split(",")) if a.only else {p for p in PARTS if p not in ("compiled", "segment") or a.compile}
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     torch.manual_seed(0)
     size = [f"model.size={a.size}", *a.set]
@@ -241,6 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
         for fraction in (float(f) for f in a.fractions.split(",")):
             cfg = load_config("vit_base_800ep", [*size, f"momentum.input_fraction={fraction}"])
             fractions[fraction] = run_ours(f"ours, momentum input {round(fraction * 100)}%", cfg, fraction)
+    if "segment" in parts:  # only with --only ...,segment: a dense-transfer step, not pre-training's
+        seg_step, seg_flops = segment_step(a.size, a.batch, device, dtype, a.seg_img)
+        times["segment"] = report(f"segment, UperNet {a.size} {a.seg_img}px", timed(seg_step, a.steps, device),
+                                  3 * seg_flops)
+        del seg_step
     ratios = {}
     if "ours" in times and "compiled" in times:
         ratios["compiled_vs_eager"] = times["ours"] / times["compiled"]

@@ -3,6 +3,7 @@
     python data_prep/build_shards.py /data/imagenet/train /data/shards/train --workers 16
     python data_prep/build_shards.py /data/imagenet/val /data/shards/val --prefix val \
         --labels val_labels.txt --classes /data/shards/train/classes.json
+    python data_prep/build_shards.py /data/ADEChallengeData2016 /data/shards/ade_train --segmentation training
 
 Re-running after an interruption keeps the complete shards and builds the rest. See
 ``bootmae_ds.data.builder`` for the layout, the restart rules and the manifest.
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         "--classes", default=None, help="classes.json fixing the class order (e.g. train's)"
     )
     p.add_argument(
+        "--segmentation", default=None, metavar="SPLIT",
+        help="SRC is an ADE20K-style root: shard SRC/images/SPLIT with their label maps "
+        "SRC/annotations/SPLIT/<name>.png (each sample: image, .seg.png, .json)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace outputs of a different build, or recorded shards that changed",
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         quality=a.quality,
         labels=a.labels,
         classes=a.classes,
+        segmentation=a.segmentation,
     )
     start = time.perf_counter()
     try:

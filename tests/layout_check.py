@@ -17,14 +17,14 @@ from pathlib import Path
 PACKAGE = "bootmae_ds"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-# Lower numbers sit lower. Jobs (pretrain, finetune, linprobe) may use everything beneath them;
+# Lower numbers sit lower. Jobs (pretrain, finetune, linprobe, segment) may use everything beneath them;
 # nothing beneath a job knows about it. The launchers/ scripts sit above all of them.
 LAYERS: dict[str, int] = {
     "config": 0,
     "models": 1, "data": 1, "runtime": 1,
     "interop": 2,
     "evaluation": 3,
-    "pretrain": 4, "finetune": 4, "linprobe": 4, "detect": 4,
+    "pretrain": 4, "finetune": 4, "linprobe": 4, "segment": 4, "detect": 4,
 }
 
 

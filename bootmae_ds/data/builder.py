@@ -27,8 +27,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from bootmae_ds.data.segmentation import SegmentationDataError, label_path, scan_pairs
 from bootmae_ds.data.shards import (
     MANIFEST_NAME,
+    SEG_MEMBER,
     Manifest,
     ShardRecord,
     ShardWriter,
@@ -57,6 +59,7 @@ class BuildOptions:
     quality: int = 90  # JPEG quality of re-encoded images
     labels: str | None = None  # label file of the flat (ImageNet validation) layout
     classes: str | None = None  # JSON list of class names that fixes the class indices
+    segmentation: str | None = None  # split of an ADE20K-style root: images + label maps (KEY.seg.png)
 
 
 Item = tuple[int, str, int]  # (build index, relative path, class index)
@@ -90,6 +93,8 @@ def scan_source(
     """(classes, [(relative path, class index)], skipped) of ``src``; raises on a bad layout."""
     if not src.is_dir():
         raise BuildError(f"SRC {src} is not a directory")
+    if opts.segmentation:
+        return _scan_segmentation(src, opts)
     entries = [p for p in src.iterdir() if not p.name.startswith(".")]
     if not entries:
         raise BuildError(f"SRC {src} is empty")
@@ -129,6 +134,20 @@ def scan_source(
     if not files:
         raise BuildError(f"SRC {src} is empty: no files inside its class folders")
     return classes, files, skipped
+
+
+def _scan_segmentation(src: Path, opts: BuildOptions) -> tuple[list[str], list[tuple[str, int]], list[dict[str, str]]]:
+    """The images of an ADE20K-style split, each checked to have a label map of its size."""
+    if opts.max_side is not None:
+        raise BuildError("--max-side re-encodes images, and their label maps would no longer fit them; "
+                         "build segmentation shards without it")
+    try:
+        images = scan_pairs(src, opts.segmentation)  # type: ignore[arg-type]
+    except SegmentationDataError as err:
+        raise BuildError(str(err)) from None
+    names = src / "classes.txt"
+    classes = [n for n in names.read_text().splitlines() if n.strip()] if names.is_file() else []
+    return classes, [(rel, 0) for rel in images], []
 
 
 def plan_shards(src: Path, files: list[tuple[str, int]], opts: BuildOptions) -> list[list[Item]]:
@@ -191,6 +210,10 @@ def _build_shard(args: tuple[Path, Path, str, list[Item], list[str], BuildOption
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 skipped.append({"path": rel, "reason": str(err) or type(err).__name__})
                 continue
+            if opts.segmentation:
+                seg = label_path(src, rel).read_bytes()
+                writer.write(make_key(index, rel), data, ext, None, {"path": rel}, {SEG_MEMBER: seg})
+                continue
             writer.write(
                 make_key(index, rel), data, ext, label, {"path": rel, "class": classes[label]}
             )
@@ -210,6 +233,7 @@ def _fingerprint(
         "classes": classes,
         "shards": shards,
         "max_side": opts.max_side,
+        "segmentation": opts.segmentation,
         "quality": opts.quality,
         "prefix": opts.prefix,
     }

@@ -2,7 +2,8 @@
 
 A shard is a plain tar. Sample ``KEY`` is stored as consecutive members ``KEY.<ext>`` (the
 encoded image: jpg, png or webp), ``KEY.cls`` (the class index as ASCII) and ``KEY.json``
-(``{"path": relative source path, "class": class name}``). Keys never contain a dot: webdataset
+(``{"path": relative source path, "class": class name}``); a segmentation sample has ``KEY.seg.png``
+(its label map) instead of ``KEY.cls``. Keys never contain a dot: webdataset
 splits member names at the first dot, so ``a.1.jpg`` and ``a.2.jpg`` would merge into one sample.
 
 ``manifest.json`` beside the shards records, per shard, its file name, sample count, byte size
@@ -30,6 +31,7 @@ MANIFEST_NAME = "manifest.json"
 CLASSES_NAME = "classes.json"
 FORMAT = "bootmae-ds-shards/1"
 IMAGE_EXTS = ("jpg", "png", "webp")
+SEG_MEMBER = "seg.png"  # a segmentation sample's label map (KEY.seg.png, no .cls)
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -161,13 +163,19 @@ class ShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, key: str, image: bytes, ext: str, label: int, meta: dict[str, Any]) -> None:
+    def write(self, key: str, image: bytes, ext: str, label: int | None, meta: dict[str, Any],
+              extra: dict[str, bytes] | None = None) -> None:
+        """One sample: the image, ``.cls`` (unless ``label`` is None), ``extra`` members (a
+        segmentation sample's ``seg.png``), ``.json``."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         if ext not in IMAGE_EXTS:
             raise ValueError(f"image extension {ext!r} not in {IMAGE_EXTS}")
         self._add(f"{key}.{ext}", image)
-        self._add(f"{key}.cls", str(label).encode())
+        if label is not None:
+            self._add(f"{key}.cls", str(label).encode())
+        for member, data in (extra or {}).items():
+            self._add(f"{key}.{member}", data)
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self.count += 1
 
@@ -246,12 +254,20 @@ def verify_shard(path: Path, record: ShardRecord, decode: bool = True) -> list[s
             for key, parts in iter_tar_samples(f):
                 count += 1
                 ext = image_member(parts)
-                if ext is None or "cls" not in parts:
-                    problems.append(f"{path.name}: sample {key} lacks an image or .cls member")
+                if ext is None or not ("cls" in parts or SEG_MEMBER in parts):
+                    problems.append(f"{path.name}: sample {key} lacks an image or a .cls / .{SEG_MEMBER} member")
                     continue
                 if decode:
                     try:
-                        decode_rgb(parts[ext])
+                        image = decode_rgb(parts[ext])
+                        if SEG_MEMBER in parts:  # a segmentation sample: its label map fits its image
+                            from PIL import Image
+
+                            with Image.open(io.BytesIO(parts[SEG_MEMBER])) as label:
+                                if label.mode not in ("L", "P") or label.size[::-1] != tuple(image.shape[-2:]):
+                                    raise ValueError(f"label map {label.mode} {label.size} for an image of "
+                                                     f"{tuple(image.shape[-2:])[::-1]}")
+                                label.load()
                     except Exception as err:  # noqa: BLE001 - any decoder failure is a bad sample
                         problems.append(f"{path.name}: sample {key} does not decode ({err})")
     except (tarfile.TarError, OSError, EOFError) as err:

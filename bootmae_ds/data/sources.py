@@ -172,7 +172,7 @@ class TarSource(Source):
                 k, ext = split_member(member.name)
                 if k != key:
                     if key is not None and pos >= start and wanted(pos):
-                        yield pos, _to_sample(key, parts, name, spec.url)
+                        yield pos, self._sample(key, parts, name, spec.url)
                     done = max(done, pos + 1)
                     pos, key, parts = pos + 1, k, {}
                     if pos >= stop:
@@ -181,7 +181,7 @@ class TarSource(Source):
                     parts[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
             else:
                 if key is not None and start <= pos < stop and wanted(pos):
-                    yield pos, _to_sample(key, parts, name, spec.url)
+                    yield pos, self._sample(key, parts, name, spec.url)
                 done = max(done, pos + 1)
         except ShardError:
             raise
@@ -197,6 +197,10 @@ class TarSource(Source):
             for p in range(done, stop):
                 if wanted(p):
                     yield p, RawSample(f"{name}#{p}", None, -1, reason, spec.url)
+
+    def _sample(self, key: str, parts: dict[str, bytes], shard_name: str, origin: str) -> RawSample:
+        """One sample from its members (an image and ``.cls``; segmentation shards override it)."""
+        return _to_sample(key, parts, shard_name, origin)
 
 
 def _to_sample(key: str, parts: dict[str, bytes], shard_name: str, origin: str) -> RawSample:

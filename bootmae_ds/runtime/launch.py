@@ -13,7 +13,9 @@ from typing import Any
 from ..config import ConfigError, InputError
 
 
-def parse_args(description: str, default_config: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, default_config: str, argv: list[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The training launchers' flags; ``extra`` adds a launcher's own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="preset name or YAML path")
     parser.add_argument("--output-dir", required=True, type=Path, help="run directory")
@@ -21,6 +23,8 @@ def parse_args(description: str, default_config: str, argv: list[str] | None = N
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
     parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint) | never | PATH")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args(argv)
 
 

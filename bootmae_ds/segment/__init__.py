@@ -1,0 +1,1 @@
+"""Semantic segmentation transfer: UperNet on the pre-trained ViT (the official Segmentation recipe)."""

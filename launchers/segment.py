@@ -1,0 +1,50 @@
+"""Semantic segmentation transfer (UperNet, the official ADE20K recipe) with DeepSpeed ZeRO-2.
+
+    deepspeed --num_gpus 8 launchers/segment.py --config ade20k_base --output-dir runs/b800_seg \\
+        --set init.source=runs/b800 data.train=/data/ADEChallengeData2016 data.val=/data/ADEChallengeData2016
+    deepspeed --num_gpus 8 launchers/segment.py --config ade20k_base --output-dir runs/released_seg \\
+        --eval-only --weights BootMAE_Base_800_UperNet.pth --set data.val=/data/ADEChallengeData2016
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/segment.py --config demo --output-dir runs/demo_seg \\
+        --set init.source=runs/demo
+
+Presets: bootmae_ds/presets/segment/ (ade20k_base = the official recipe, ade20k_base_ms its
+multi-scale + flip evaluation, demo). mIoU/mAcc/aAcc on data.val every eval.every_steps and at the
+end; the best segmentor is kept in OUTPUT/best/model.pth (mmseg layout). Exit status 75 means
+"preempted after saving a checkpoint": run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bootmae_ds.config.segment import load_segment_config
+from bootmae_ds.runtime.launch import parse_args, training_main
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-only", action="store_true", help="score --weights on data.val; no training")
+    parser.add_argument("--weights", default=None, help="a segmentation checkpoint: a released mmseg .pth "
+                        "(BootMAE_Base_800_UperNet.pth) or RUN/best/model.pth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("semantic segmentation on a BootMAE encoder", "ade20k_base", argv, extra=_flags)
+    if args.eval_only != (args.weights is not None):
+        print("error: --eval-only and --weights go together (score a file without training)", file=sys.stderr)
+        return 2
+
+    def job():
+        if args.eval_only:
+            from bootmae_ds.segment.evaluate import evaluate_weights
+
+            return lambda cfg, out, _max_steps, _resume: evaluate_weights(cfg, out, args.weights)
+        from bootmae_ds.segment.trainer import segment
+
+        return segment
+
+    return training_main(args, load_segment_config, job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
