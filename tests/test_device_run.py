@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "bench" / "device"))
 from base_venv import make as make_base_venv
 
 PARTS = ["env", "step_vit_b", "jpeg_shards", "e2e_synthetic", "e2e_jpeg", "loader", "tests", "step_vit_l",
-         "step_vit_b_compiled"]
+         "step_segment", "step_vit_b_compiled"]
 # What the device tool brings back from $OUT (../.library/device/README.md, Limits).
 MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 
@@ -91,7 +91,7 @@ def test_the_device_run_works_in_the_device_environment(device_like, tmp_path) -
         assert e2e["steps_timed"] == 5 and not e2e["epoch_boundary_in_window"] and e2e["ema_update_s"] > 0
     assert parts["loader"]["img_per_s"] > 0 and parts["loader"]["timed_batches"] > 0
     assert {"mfu_vit_b", "ours_vs_reference", "bootmae_over_mae_step", "jpeg_vs_synthetic", "loader_vs_model",
-            "peak_memory_vit_b_b256_gib", "peak_memory_vit_l_b128_gib"} <= set(report["targets"])
+            "peak_memory_vit_b_b256_gib", "peak_memory_vit_l_b128_gib", "segment_step_vit_b_512"} <= set(report["targets"])
 
     # A wheel left out (msgpack, which DeepSpeed imports) is named by the first part, in seconds.
     partial = tmp_path / "partial_wheels"

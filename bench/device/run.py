@@ -17,6 +17,8 @@ fits is skipped and says so):
   loader         the loader alone on those shards, one epoch, the e2e run's batch and workers
   tests          pytest tests/test_gpu.py (the GPU path's correctness checks that fit)
   step_vit_l     bench/step.py, ViT-L/16 batch 128 (img/s, MFU, peak memory)
+  step_segment   bench/step.py --only segment: a UperNet training step on ViT-B/16 at 512 px, batch 2
+                 (the official ADE20K recipe's per-GPU batch): img/s, MFU, peak memory
   step_vit_b_compiled  our ViT-B step under torch.compile (last: the slowest to build)
 
 ``$OUT`` receives exactly two files: ``device_report.json`` (every figure with its units, the
@@ -66,7 +68,8 @@ class Part:
 
 PARTS = [Part("env", 20, 8, 150), Part("step_vit_b", 55, 25, 50), Part("jpeg_shards", 20, 8, 30),
          Part("e2e_synthetic", 50, 30, 75), Part("e2e_jpeg", 50, 30, 75), Part("loader", 20, 10, 30),
-         Part("tests", 70, 40, 60), Part("step_vit_l", 25, 15, 40), Part("step_vit_b_compiled", 0, 30, 50)]
+         Part("tests", 70, 40, 60), Part("step_vit_l", 25, 15, 40), Part("step_segment", 15, 10, 40),
+         Part("step_vit_b_compiled", 0, 30, 50)]
 # step_vit_b_compiled has no share of the device budget: it gets whatever the others left (the
 # first to be skipped). On a CPU the env part also builds DeepSpeed's shared-memory op (see parts.py).
 
@@ -215,7 +218,7 @@ def step_part(run: Run, limit: float, size: str, batch: int, only: str, name: st
     out = run.work / f"{name}.json"
     if run.smoke:
         args = ["--size", "tiny", "--batch", "2", "--steps", "1", "--dtype", "fp32", "--device", "cpu",
-                "--compile-backend", "eager", "--set", *SMOKE_MODEL]  # inductor would take minutes on a CPU
+                "--compile-backend", "eager", "--seg-img", "64", "--set", *SMOKE_MODEL]  # inductor: minutes on a CPU
     else:
         args = ["--size", size, "--batch", str(batch), "--steps", "10", "--dtype", "bf16", "--device", "cuda"]
     args += ["--only", only, "--fractions", "0.25", "--json", str(out)]
@@ -358,6 +361,10 @@ def targets(parts: dict) -> dict:
     large = parts.get("step_vit_l", {}).get("steps", {}).get("ours, BootMAE")
     if large:
         out["peak_memory_vit_l_b128_gib"] = {"value": large.get("peak_memory_gib"), "mfu": large["mfu"]}
+    segment = next(iter(parts.get("step_segment", {}).get("steps", {}).values()), None)
+    if segment:
+        out["segment_step_vit_b_512"] = {"img_per_s": segment["img_per_s"], "mfu": segment["mfu"],
+                                         "peak_memory_gib": segment.get("peak_memory_gib")}
     synth, jpeg = parts.get("e2e_synthetic", {}), parts.get("e2e_jpeg", {})
     if "img_per_s" in synth and "img_per_s" in jpeg:
         ratio = jpeg["img_per_s"] / synth["img_per_s"]
@@ -407,6 +414,7 @@ def main() -> int:
             part("loader", lambda r, s: loader_part(r, s, shards))
         part("tests", tests_part)
         part("step_vit_l", lambda r, s: step_part(r, s, "large", 128, "ours", "step_vit_l"))
+        part("step_segment", lambda r, s: step_part(r, s, "base", 2, "segment", "step_segment"))
         env = run.report["parts"].get("env", {})
         if env.get("compile_ready", True):
             part("step_vit_b_compiled", lambda r, s: step_part(r, s, "base", 256, "compiled", "step_vit_b_compiled"))

@@ -97,7 +97,7 @@ class DetectTrainer(JobTrainer):
         self.export_model = copy.deepcopy(model) if self.info.is_main else None  # for RUN/best
         groups = backbone_layer_decay_groups(model, pre.model.depth, cfg.optim.layer_decay, BACKBONE)
         optimizer = adamw(groups, cfg.optim, self.device.type)
-        _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path, proposal sampling: per rank
+        self.seed_process_rngs()  # drop path, proposal sampling: per rank
         self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
         resized = self.resume_state(resumed, DetectState)
@@ -209,17 +209,6 @@ class DetectTrainer(JobTrainer):
         row["best_box_ap"] = self.state.best_box_ap
         return True
 
-
-def _seed_process_rngs(seed: int) -> None:
-    """Seed the generators drop path and the proposal samplers draw from (saved with every
-    checkpoint, so a resume continues their streams exactly)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def detect(cfg: DetectConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:

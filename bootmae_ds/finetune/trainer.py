@@ -101,7 +101,7 @@ class FinetuneTrainer(JobTrainer):
         self.export_model = copy.deepcopy(model) if self.info.is_main else None  # fp32 CPU, for RUN/best
         ema_copy = copy.deepcopy(model) if cfg.ema.enabled else None
         optimizer = adamw(layer_decay_groups(model, cfg.optim.layer_decay), cfg.optim, self.device.type)
-        _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path, erasing, mixup: per rank
+        self.seed_process_rngs()  # drop path, erasing, mixup: per rank
         self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
         self.ema = ShardedEMA(self.engine, ema_copy, "", self.dtype) if ema_copy else None
@@ -222,17 +222,6 @@ class FinetuneTrainer(JobTrainer):
                      out, force=True)
         (out / "metrics.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
-
-def _seed_process_rngs(seed: int) -> None:
-    """Seed the generators the device-side augmentation and drop path draw from (saved with
-    every checkpoint, so a resume continues their streams exactly)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def finetune(cfg: FinetuneConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:

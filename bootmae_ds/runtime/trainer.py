@@ -10,9 +10,11 @@ beside the engine: pre-training's teacher, fine-tuning's model EMA, or None), ``
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
@@ -38,6 +40,15 @@ class JobTrainer:
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
         announce(cfg.run.name, self.info)
+
+    def seed_process_rngs(self) -> None:
+        """Seed Python's, NumPy's and torch's global generators with ``run.seed`` and the rank: what
+        drop path, dropout, proposal sampling and device-side augmentation draw from. Their states
+        go into every checkpoint, so a resume continues each stream exactly."""
+        seed = self.cfg.run.seed * 1000 + self.info.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
     def resume_state(self, resumed: Resume | None, state_class: type[RunState] = RunState) -> bool:
         """``self.state`` from the checkpoint ``resumed`` (a fresh one without); whether the

@@ -28,8 +28,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..config.base import InputError
 from ..config.segment import SegmentConfig
+from ..data.labelled import LabelError
 from ..data.loader import StreamingDataset, TrainLoader, iterate_and_join
 from ..data.seeds import mix_seed
 from ..data.segmentation import SegmentationDataError, decode_label, open_segmentation_source
@@ -40,10 +40,6 @@ from .augment import photometric_distortion
 
 PAD = -1  # label of padded pixels (int16 label maps), told apart from ignored ones until the device
 CROP_TRIES = 10  # mmseg RandomCrop's redraws for cat_max_ratio
-
-
-class LabelError(InputError, ValueError):
-    """A label map holding classes beyond ``model.num_classes``; names the sample."""
 
 
 def reduce_zero_label(label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -193,17 +189,6 @@ def check_labels(batch: dict[str, Any], num_classes: int, ignore_index: int) -> 
                          f"(0..{num_classes - 1}, {ignore_index} ignored); set model.num_classes, or "
                          f"data.reduce_zero_label for label maps whose 0 means 'other'")
 
-
-class LabelChecked:
-    """The loader's batches (every epoch), each checked by :func:`check_labels` on the host."""
-
-    def __init__(self, loader: Any, num_classes: int, ignore_index: int) -> None:
-        self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            check_labels(batch, self.num_classes, self.ignore_index)
-            yield batch
 
 
 def device_batch(images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -35,7 +35,6 @@ from ..evaluation.segmentation import (
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger
 from ..runtime.optim import adamw, backbone_layer_decay_groups, set_hyperparameters
-from ..runtime.prefetch import DevicePrefetcher
 from ..runtime.recovery import DataFaults
 from ..runtime.run import (
     DTYPES,
@@ -49,9 +48,9 @@ from ..runtime.run import (
 from ..runtime.sharded_ema import online_full_state
 from ..runtime.trainer import JobTrainer
 from .data import (
-    LabelChecked,
     SegTrainTransform,
     build_segment_loader,
+    check_labels,
     device_batch,
     eval_samples,
     open_eval_source,
@@ -150,7 +149,7 @@ class SegmentTrainer(JobTrainer):
         num_layers = cfg.optim.layer_decay_num_layers or model.backbone.depth
         groups = backbone_layer_decay_groups(model, num_layers, cfg.optim.layer_decay)
         optimizer = adamw(groups, cfg.optim, self.device.type)
-        _seed_process_rngs(cfg.run.seed * 1000 + self.info.rank)  # drop path and dropout: per rank
+        self.seed_process_rngs()  # drop path and dropout: per rank
         self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
                                             self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
         resized = self.resume_state(resumed, SegmentState)
@@ -162,10 +161,9 @@ class SegmentTrainer(JobTrainer):
         self.mean = torch.tensor(d.mean, device=self.device)
         self.std = torch.tensor(d.std, device=self.device)
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
-        self.watch(device_keys=("images", "masks"))
         # the label maps are checked on the host, before they go to the device
-        self.batches = DevicePrefetcher(LabelChecked(self.loader, cfg.model.num_classes, d.ignore_index),
-                                        self.device, keys=("images", "masks"))
+        self.watch(device_keys=("images", "masks"),
+                   check=lambda b: check_labels(b, cfg.model.num_classes, d.ignore_index))
 
     def _fingerprint(self) -> dict[str, Any]:
         """The parts of the config a checkpoint must agree with to be resumed."""
@@ -179,7 +177,7 @@ class SegmentTrainer(JobTrainer):
         """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
         sums: dict[str, torch.Tensor] = {}
         micro, faults = 0, DataFaults()
-        step_start = time.perf_counter()
+        self.step_clock.restart()
         while self.state.step < self.total_steps:
             for batch in self.batches:
                 self.last_batch = batch
@@ -204,11 +202,11 @@ class SegmentTrainer(JobTrainer):
                 self.count_step(batch, self.engine.was_step_applied())
                 wait, self.batches.wait_s = self.batches.wait_s, 0.0
                 row = self.step_row({k: v / micro for k, v in sums.items()}, faults, step // self.steps_per_epoch,
-                                    lr, time.perf_counter() - step_start, wait)
-                row["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+                                    lr, wait)
                 evaluated = self._maybe_evaluate(row)
                 self.metrics.log(self.state.step, row)
-                sums, micro, faults, step_start = {}, 0, DataFaults(), time.perf_counter()
+                sums, micro, faults = {}, 0, DataFaults()
+                self.step_clock.restart()
                 status = self._after_step(evaluated)
                 if status is not None:
                     return status
@@ -284,17 +282,6 @@ class SegmentTrainer(JobTrainer):
         else:
             tmp.rename(out)
 
-
-def _seed_process_rngs(seed: int) -> None:
-    """Seed the generators drop path and dropout draw from (saved with every checkpoint, so a
-    resume continues their streams exactly)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def segment(cfg: SegmentConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:
