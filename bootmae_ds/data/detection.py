@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .coco import CocoError, CocoSplit, read_sample
 from .loader import TrainLoader
 from .seeds import mix_seed
+from .workers import module_of, worker_context
 
 log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
@@ -169,7 +170,9 @@ def eval_batches(split: CocoSplit, rank: int, world_size: int, batch_size: int, 
     from .loader import iterate_and_join
 
     share = EvalShare(split, rank, world_size, batch_size)
+    workers = num_workers if len(share) else 0
     # a private generator: the global RNG (drop path, proposal sampling) must not see an evaluation
-    loader = DataLoader(share, batch_size=None, shuffle=False, num_workers=num_workers if len(share) else 0,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(share, batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
+                        multiprocessing_context=worker_context(module_of(share)) if workers else None)
     yield from iterate_and_join(loader)
