@@ -192,7 +192,7 @@ def test_a_damaged_shard_is_counted_named_and_trained_through(tmp_path) -> None:
 
 # -- killed ranks -------------------------------------------------------------------------------
 KILL_ARGS = [*TINY, "data.global_batch_size=16", "checkpoint.every_steps=3", "checkpoint.keep_last=3"]
-KILL_STEPS = 24
+KILL_STEPS = 18  # past the latest possible kill (step 15)
 
 
 def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -223,11 +223,11 @@ def test_ranks_killed_at_random_moments_resume_to_the_same_losses(tmp_path) -> N
     out = tmp_path / "killed"
     ckpts = out / "checkpoints"
     shm_before = _shm_buffers()
-    # a kill after a random step, one while a checkpoint is half written (that attempt's saves pause
-    # 2 s between DeepSpeed's files and ours), then another after a random step
+    # a kill after a random step, then one while a checkpoint is half written (that attempt's saves
+    # pause 2 s between DeepSpeed's files and ours); the final run resumes past the replaced one
     first = rng.randint(4, 8)
     in_save = 3 * rng.randint(first // 3 + 1, first // 3 + 3)
-    plan = [("step", first), ("save", in_save), ("step", rng.randint(in_save + 2, KILL_STEPS - 2))]
+    plan = [("step", first), ("save", in_save)]
     for kind, at in plan:
         proc = _start(out, *(["debug.slow_save_s=2"] if kind == "save" else []))
         try:

@@ -189,6 +189,7 @@ def test_finetune_evaluates_each_epoch_and_exports_the_best_to_timm(full_run, pr
     assert (out / "tensorboard").is_dir() and (out / "checkpoints" / "latest").read_text().strip() == "step_00000012"
 
 
+@pytest.mark.extended  # CI: the same JobTrainer resume in test_segment_run, test_detect, test_linprobe
 def test_finetune_resume_continues_exactly(full_run, pretrained, tmp_path):
     _, full = full_run
     out = tmp_path / "resumed"

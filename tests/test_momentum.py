@@ -9,7 +9,7 @@ from distributed import deepspeed_cmd, run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.extended), "bf16"])  # CI: bf16
 def test_sharded_ema_equals_unsharded_reference(tmp_path, precision) -> None:
     out = tmp_path / "result.json"
     proc = run(deepspeed_cmd("tests/dist_scripts/ema_check.py", precision, str(out)))

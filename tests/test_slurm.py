@@ -61,6 +61,7 @@ def test_two_nodes_join_one_world(cluster, tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI: test_two_nodes_join_one_world (the pre-training template on two nodes)
 def test_finetune_template_runs_on_two_nodes(cluster, tmp_path) -> None:
     run_dir = tmp_path / "ft"
     job = _sbatch(cluster, tmp_path, run_dir, "--config", "demo", "--max-steps", "4", "--set", "init.config=demo",
@@ -123,6 +124,7 @@ def test_preemption_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI: test_preemption_requeues_and_resumes_exactly, test_faults' random SIGKILLs
 def test_a_killed_rank_ends_the_job_which_requeues_and_resumes(cluster, uninterrupted, tmp_path) -> None:
     import psutil
 
@@ -162,6 +164,7 @@ def test_bad_input_is_not_requeued(cluster, tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # CI: the SLURM tests start the same --no_ssh node launchers
 def test_two_node_launchers_without_a_scheduler(tmp_path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")

@@ -202,7 +202,9 @@ class InitConfig(Section):
 
     source: str = Field(
         "random", description="A pre-training run directory (its latest or --tag checkpoint), a "
-        "released BootMAE_*_PT.pth, or 'random' (a fresh encoder of init.config).")
+        "released BootMAE_*_PT.pth, or 'random' (a fresh encoder of init.config). Segmentation and "
+        "detection also take an MAE or timm ViT state dict, or an export (its directory or "
+        "model.safetensors).")
     tag: str | None = Field(None, description="Checkpoint tag of a run source; null = latest.")
     which: Literal["online", "momentum"] = Field(
         "online", description="Online encoder, or the momentum encoder (fp32 EMA shards / model_ema).")
