@@ -163,6 +163,33 @@ def test_bad_input_is_not_requeued(cluster, tmp_path) -> None:
     assert "training stopped with status 2; not requeueing" in log and "restart 1" not in log, log[-3000:]
 
 
+def test_bad_input_found_first_by_another_rank_is_not_requeued(tmp_path) -> None:
+    """The race test_bad_input_is_not_requeued can lose: rank 1 finds the bad config first, exits 2,
+    and srun --kill-on-bad-exit takes rank 0 down before it records anything. Injected for certain:
+    `srun` here runs the real launcher as rank 1 only, then reports rank 0 terminated (143);
+    `scontrol` records what the script asks of it."""
+    bin_dir, run_dir = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift  # --kill-on-bad-exit=1\nSLURM_PROCID=1 "$@"\nexit 143\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path / "scontrol.log"}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = cpu_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node[1-2]",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RUN_DIR=str(run_dir))
+    proc = subprocess.run(["bash", "launchers/slurm/pretrain.sbatch", "--config", "demo", "--set", "mask.num_masked=999"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "mask.num_masked=999" in proc.stderr  # rank 1 really ran and refused the config
+    assert (run_dir / ".exit_status.other_rank").read_text() == "2\n" and not (run_dir / ".exit_status").exists()
+    assert proc.returncode == 2 and "training stopped with status 2; not requeueing" in proc.stdout, proc.stdout
+    assert not (tmp_path / "scontrol.log").exists()  # no requeue asked for
+    # a second attempt starts from clean status files (a stale one must not decide it)
+    (bin_dir / "srun").write_text("#!/bin/bash\nexit 137\n")  # every rank killed, nothing recorded
+    again = subprocess.run(["bash", "launchers/slurm/pretrain.sbatch"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 1 and "recorded status none" in again.stdout, again.stdout
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 7\n"
+
+
 @pytest.mark.slow
 @pytest.mark.extended  # CI: the SLURM tests start the same --no_ssh node launchers
 def test_two_node_launchers_without_a_scheduler(tmp_path) -> None:

@@ -63,15 +63,25 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
+# Statuses a rerun would end with again (bad input; runtime.run's EXIT_NONFINITE, EXIT_SAVE_FAILED).
+FINAL_STATUSES = frozenset({2, 3, 4})
+
+
 def record_exit_status(status: int) -> None:
-    """Rank 0 writes ``status`` to ``$BOOTMAE_EXIT_STATUS_FILE`` (atomically) when it is set.
+    """Record ``status`` for the SLURM script's requeue decision when ``$BOOTMAE_EXIT_STATUS_FILE``
+    is set: rank 0 writes every status there; another rank writes a final one (bad input, ...) to
+    ``<file>.other_rank`` (atomically; with many ranks, any one of them suffices).
 
     Under ``srun --kill-on-bad-exit=1`` one failing rank takes the others down, so srun's own
-    exit code no longer tells a preemption (75) or bad input (2) from a crash; this file does,
-    and its absence means rank 0 did not get to finish (a crash, a kill, a lost node)."""
+    exit code no longer tells a preemption (75) or bad input (2) from a crash; these files do. The
+    first rank to exit decides: a rank that finds bad input first gets rank 0 killed before rank 0
+    records anything (seen on the two-node test cluster), hence the second file. No file means no
+    rank got to finish deliberately (a crash, a kill, a lost node)."""
     path = os.environ.get("BOOTMAE_EXIT_STATUS_FILE")
-    if not path or _global_rank() != 0:
+    rank = _global_rank()
+    if not path or (rank != 0 and status not in FINAL_STATUSES):
         return
+    path = path if rank == 0 else f"{path}.other_rank"
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     try:
         tmp.write_text(f"{status}\n")

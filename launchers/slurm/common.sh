@@ -30,14 +30,15 @@ forward() {
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-# Rank 0 records its exit status here (bootmae_ds.runtime.launch): with --kill-on-bad-exit=1 a rank
-# that dies (SIGKILL, a crash, a lost node) takes the step down at once instead of leaving the others
-# blocked in a collective until the distributed timeout, and srun's own status then no longer tells
-# a preemption or bad input from a crash. No file means rank 0 did not get to finish: a failure.
+# Rank 0 records its exit status here, another rank a status a rerun would end with again (bad
+# input, 3, 4) in .other_rank (bootmae_ds.runtime.launch): with --kill-on-bad-exit=1 a rank that
+# exits or dies (SIGKILL, a crash, a lost node) takes the step down at once instead of leaving the
+# others blocked in a collective until the distributed timeout, and srun's own status then no longer
+# tells a preemption or bad input from a crash. No file means no rank finished deliberately: a failure.
 export BOOTMAE_EXIT_STATUS_FILE="$RUN_DIR/.exit_status"
 FAILURES_FILE="$RUN_DIR/.failed_attempts"
 MAX_FAILED_REQUEUES=${BOOTMAE_MAX_FAILED_REQUEUES:-3}
-rm -f "$BOOTMAE_EXIT_STATUS_FILE"
+rm -f "$BOOTMAE_EXIT_STATUS_FILE" "$BOOTMAE_EXIT_STATUS_FILE.other_rank"
 
 srun --kill-on-bad-exit=1 python "$ENTRY" --output-dir "$RUN_DIR" "$@" &
 srun_pid=$!
@@ -47,6 +48,11 @@ while true; do   # `wait` returns early when a trapped signal arrives; wait agai
   kill -0 "$srun_pid" 2>/dev/null || break
 done
 status=$(cat "$BOOTMAE_EXIT_STATUS_FILE" 2>/dev/null || echo "none")
+other=$(cat "$BOOTMAE_EXIT_STATUS_FILE.other_rank" 2>/dev/null || echo "none")
+case "$status" in
+  0|2|3|4|75) ;;                               # rank 0 finished deliberately: its word
+  *) [ "$other" = "none" ] || status=$other ;;  # rank 0 killed or failed after another rank's stop
+esac
 failures=$(cat "$FAILURES_FILE" 2>/dev/null || echo 0)
 
 case "$status" in
@@ -68,7 +74,7 @@ case "$status" in
     failures=$((failures + 1))
     echo "$failures" > "$FAILURES_FILE"
     if [ "$failures" -le "$MAX_FAILED_REQUEUES" ]; then
-      echo "[sbatch] training failed (srun status $srun_status, rank 0 status $status; restart" \
+      echo "[sbatch] training failed (srun status $srun_status, recorded status $status; restart" \
            "${SLURM_RESTART_COUNT:-0}); requeueing job $SLURM_JOB_ID, failure $failures of $MAX_FAILED_REQUEUES in a row"
       scontrol requeue "$SLURM_JOB_ID"
     else
