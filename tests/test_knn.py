@@ -72,17 +72,13 @@ def test_eval_transform_keeps_exact_sizes_and_centre_crops_others() -> None:
     assert eval_transform(wide, 224).shape == (3, 224, 224)
 
 
-def test_cli_on_a_run_a_random_init_and_bad_input(tmp_path) -> None:
+def test_cli_on_a_run_a_random_init_and_bad_input(demo_pretrain_run, tmp_path) -> None:
     import json
 
     from distributed import run
 
-    out = tmp_path / "run"
-    train = run(["python", "launchers/pretrain.py", "--config", "demo", "--output-dir", str(out), "--max-steps", "1",
-                 "--set", "model.depth=2", "model.feature_decoder.context_block=1", "data.micro_batch_size=8",
-                 "data.global_batch_size=16", "data.num_workers=0"])
-    assert train.returncode == 0, train.stderr[-2000:]
-    for args in ([str(out), "--which", "momentum"], ["--random-init", "--config", "demo"]):
+    # the shared 2-rank run: its momentum encoder is consolidated from both ranks' shards
+    for args in ([str(demo_pretrain_run), "--which", "momentum"], ["--random-init", "--config", "demo"]):
         proc = run(["python", "launchers/knn.py", *args, "--bank-limit", "300", "--query-limit", "100"])
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
