@@ -25,15 +25,13 @@ PRELOAD = ("torch", "numpy", "PIL.Image", "torchvision.transforms.v2.functional"
            "bootmae_ds.data.labelled")
 
 
-def worker_context(*modules: str) -> BaseContext:
-    """The start method of every evaluation loader's workers: the fork server. The first call of a process
-    fixes what the server preloads: :data:`PRELOAD` and ``modules`` (the modules of the dataset
-    and transform classes, say); modules named later are imported by each worker that needs them."""
+def eval_worker_context(dataset: object, num_workers: int) -> BaseContext | None:
+    """The ``multiprocessing_context`` of an evaluation DataLoader over ``dataset``: the fork server
+    when it has workers, None (the main process reads) when not. The first call of a process fixes
+    what the server preloads: :data:`PRELOAD` and the module defining ``dataset``'s class (what a
+    worker imports to unpickle it); modules of later datasets are imported by each worker."""
+    if not num_workers:
+        return None
     if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet
-        forkserver.set_forkserver_preload(sorted({*PRELOAD, *modules}))
+        forkserver.set_forkserver_preload(sorted({*PRELOAD, type(dataset).__module__}))
     return mp.get_context("forkserver")
-
-
-def module_of(obj: object) -> str:
-    """The module that defines ``obj``'s class (what a worker imports to unpickle it)."""
-    return type(obj).__module__
