@@ -10,7 +10,7 @@ the rule before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -36,8 +36,19 @@ class Section(BaseModel):
 class Tree(Section):
     """A whole configuration tree: printed and saved as YAML with every run."""
 
+    # The sections every job shares come last when printed, as they did before they were declared
+    # once in a base class (pydantic lists a base class's fields first).
+    SHARED_LAST: ClassVar[tuple[str, ...]] = ("eval", "checkpoint", "logging", "run", "debug")
+
+    @classmethod
+    def section_names(cls) -> list[str]:
+        """The tree's sections in printed order: the job's own, then the shared ones."""
+        names = list(cls.model_fields)
+        return [n for n in names if n not in cls.SHARED_LAST] + [n for n in cls.SHARED_LAST if n in names]
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        dump = self.model_dump(mode="json")
+        return yaml.safe_dump({k: dump[k] for k in self.section_names()}, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -154,19 +165,20 @@ def load_tree(source: str | Path, overrides: list[str] | None, root: type[T], pr
     return build_tree(data, root)
 
 
-def describe(root: type[BaseModel]) -> str:
-    """Every field with its default and description, for `bootmae-config --describe`."""
+def describe(root: type[Tree]) -> str:
+    """Every field with its default (the job's, from a default-built tree) and description, for
+    `bootmae-config --describe`; `bootmae-config --reference` writes the same as Markdown."""
     out: list[str] = []
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
+    def walk(model: type[BaseModel], value: Any, names: list[str], prefix: str) -> None:
+        for name in names:
+            field, sub = model.model_fields[name], getattr(value, name)
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out.append(f"{prefix}{name}: {field.description}")
-                walk(ann, f"{prefix}{name}.")
+                walk(ann, sub, list(ann.model_fields), f"{prefix}{name}.")
             else:
-                default = field.get_default(call_default_factory=True)
-                out.append(f"  {prefix}{name} = {default!r}  # {field.description}")
+                out.append(f"  {prefix}{name} = {sub!r}  # {field.description}")
 
-    walk(root, "")
+    walk(root, root(), root.section_names(), "")
     return "\n".join(out)

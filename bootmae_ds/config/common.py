@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .base import ConfigError, Section, fail
+from .base import ConfigError, Section, Tree, fail
 
 
 class DataConfig(Section):
@@ -222,3 +222,22 @@ def inherit_from_pretraining(cfg: Any, pre: Any) -> None:
         cfg.data.mean = pre.data.mean
     if cfg.data.std is None:
         cfg.data.std = pre.data.std
+
+
+class JobTree(Tree):
+    """The sections every job's tree ends with, declared once: a job's tree adds its own sections
+    before them (``Tree.to_yaml`` keeps these last) and redeclares one only where its job's default
+    differs (``run.name``, segmentation's step cadences)."""
+
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
+
+
+class EpochJobTree(JobTree):
+    """A job evaluated on a held-out set every ``eval.every_epochs`` (fine-tuning, probing,
+    detection)."""
+
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+

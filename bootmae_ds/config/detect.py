@@ -17,17 +17,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
-from .common import (
-    CheckpointConfig,
-    DebugConfig,
-    EvalConfig,
-    InitConfig,
-    LoggingConfig,
-    NonfiniteGuard,
-    RunConfig,
-    accumulation_steps,
-)
+from .base import PRESETS_ROOT, Section, fail, load_tree
+from .common import EpochJobTree, InitConfig, NonfiniteGuard, RunConfig, accumulation_steps
 
 PRESET_DIR = PRESETS_ROOT / "detect"
 
@@ -186,7 +177,7 @@ class DetectScheduleConfig(Section):
         return self
 
 
-class DetectConfig(Tree):
+class DetectConfig(EpochJobTree):
     """A whole detection (Mask R-CNN) run."""
 
     init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
@@ -194,11 +185,7 @@ class DetectConfig(Tree):
     optim: DetectOptimConfig = Field(default_factory=DetectOptimConfig, description="Optimizer.")
     schedule: DetectScheduleConfig = Field(default_factory=DetectScheduleConfig, description="Schedule.")
     data: DetectDataConfig = Field(default_factory=DetectDataConfig, description="Data.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="detect"), description="Run identity.")
-    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> DetectConfig:

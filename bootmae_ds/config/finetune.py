@@ -16,17 +16,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
-from .common import (
-    CheckpointConfig,
-    DebugConfig,
-    EvalConfig,
-    InitConfig,
-    LabelledDataConfig,
-    LoggingConfig,
-    NonfiniteGuard,
-    RunConfig,
-)
+from .base import PRESETS_ROOT, Section, fail, load_tree
+from .common import EpochJobTree, InitConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "finetune"
 
@@ -116,7 +107,7 @@ class FinetuneDataConfig(LabelledDataConfig):
     global_batch_size: int = Field(2048, ge=1, description="Images per optimizer step over all devices.")
 
 
-class FinetuneConfig(Tree):
+class FinetuneConfig(EpochJobTree):
     """A whole fine-tuning run."""
 
     init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
@@ -126,11 +117,7 @@ class FinetuneConfig(Tree):
     schedule: FinetuneScheduleConfig = Field(default_factory=FinetuneScheduleConfig, description="Schedule.")
     ema: ModelEmaConfig = Field(default_factory=ModelEmaConfig, description="Model EMA.")
     data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Data.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="finetune"), description="Run identity.")
-    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":

@@ -17,17 +17,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
-from .common import (
-    CheckpointConfig,
-    DebugConfig,
-    EvalConfig,
-    InitConfig,
-    LabelledDataConfig,
-    LoggingConfig,
-    NonfiniteGuard,
-    RunConfig,
-)
+from .base import PRESETS_ROOT, Section, fail, load_tree
+from .common import EpochJobTree, InitConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "linprobe"
 
@@ -80,7 +71,7 @@ class ProbeDataConfig(LabelledDataConfig):
                                             "torchvision's default).")
 
 
-class LinprobeConfig(Tree):
+class LinprobeConfig(EpochJobTree):
     """A whole linear-probing run."""
 
     mode: Literal["official", "cached_features"] = Field(
@@ -93,11 +84,7 @@ class LinprobeConfig(Tree):
     optim: ProbeOptimConfig = Field(default_factory=ProbeOptimConfig, description="Optimizer.")
     schedule: ProbeScheduleConfig = Field(default_factory=ProbeScheduleConfig, description="Schedule.")
     data: ProbeDataConfig = Field(default_factory=ProbeDataConfig, description="Data.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="linprobe"), description="Run identity.")
-    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> LinprobeConfig:

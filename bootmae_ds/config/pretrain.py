@@ -15,15 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .base import PRESETS_ROOT, Section, Tree, available_presets, build_tree, fail, load_tree
-from .common import (
-    CheckpointConfig,
-    DataConfig,
-    DebugConfig,
-    LoggingConfig,
-    NonfiniteGuard,
-    RunConfig,
-)
+from .base import PRESETS_ROOT, Section, available_presets, build_tree, fail, load_tree
+from .common import DataConfig, JobTree, LoggingConfig, NonfiniteGuard
 
 PRESET_DIR = PRESETS_ROOT / "pretrain"
 
@@ -325,7 +318,7 @@ class PretrainInitConfig(Section):
         return self
 
 
-class BootMAEConfig(Tree):
+class BootMAEConfig(JobTree):
     """The whole run: every knob of model, method and infrastructure."""
 
     init: PretrainInitConfig = Field(default_factory=PretrainInitConfig, description="Initial weights.")
@@ -336,10 +329,7 @@ class BootMAEConfig(Tree):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Schedules.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: PretrainLoggingConfig = Field(default_factory=PretrainLoggingConfig, description="Logging.")
-    run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
-    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> "BootMAEConfig":

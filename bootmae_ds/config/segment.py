@@ -14,16 +14,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import PRESETS_ROOT, Section, Tree, fail, load_tree
-from .common import (
-    CheckpointConfig,
-    DataConfig,
-    DebugConfig,
-    InitConfig,
-    LoggingConfig,
-    NonfiniteGuard,
-    RunConfig,
-)
+from .base import PRESETS_ROOT, Section, fail, load_tree
+from .common import CheckpointConfig, DataConfig, InitConfig, JobTree, LoggingConfig, NonfiniteGuard, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "segment"
 
@@ -160,7 +152,7 @@ class SegmentEvalConfig(Section):
         return self
 
 
-class SegmentConfig(Tree):
+class SegmentConfig(JobTree):
     """A whole segmentation run."""
 
     init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
@@ -173,7 +165,6 @@ class SegmentConfig(Tree):
         default_factory=lambda: CheckpointConfig(every_steps=16000), description="Saving.")
     logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig(every_steps=50), description="Logging.")
     run: RunConfig = Field(default_factory=lambda: RunConfig(name="segment"), description="Run identity.")
-    debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
     @model_validator(mode="after")
     def _check(self) -> SegmentConfig:
