@@ -34,7 +34,8 @@ def parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="docs: docs/data.md",
     )
     p.add_argument("src", help="ImageFolder root (SRC/<class>/<image>) or a flat image folder")
     p.add_argument(

@@ -18,7 +18,8 @@ from bootmae_ds.data.shards import Manifest, ShardError
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="docs: docs/data.md",
     )
     p.add_argument("out", help="output directory (gets train/ and test/)")
     a = p.parse_args(argv)

@@ -17,7 +17,8 @@ from bootmae_ds.data.shards import ShardError, verify_manifest
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="docs: docs/data.md",
     )
     p.add_argument("out", help="the build directory (holding manifest.json) or the manifest path")
     p.add_argument("--workers", type=int, default=os.cpu_count())

@@ -26,7 +26,8 @@ def _trainer():
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main(parse_args("detection / instance segmentation with Mask R-CNN", "coco_base", argv),
+    return training_main(parse_args("detection / instance segmentation with Mask R-CNN", "coco_base", argv,
+                                    doc="docs/detection.md"),
                          load_detect_config, _trainer)
 
 

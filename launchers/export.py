@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="export a BootMAE encoder to timm's ViT layout")
+    parser = argparse.ArgumentParser(description="export a BootMAE encoder to timm's ViT layout",
+                                     epilog="docs: docs/export-and-interop.md")
     parser.add_argument("run", nargs="?", type=Path, help="run directory (the pre-training --output-dir)")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00001000 (default: latest)")
     parser.add_argument("--official", type=Path, default=None, help="a released BootMAE_*_PT.pth instead of a run")

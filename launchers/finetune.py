@@ -25,7 +25,8 @@ def _trainer():
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main(parse_args("fine-tune a BootMAE encoder", "vit_base", argv), load_finetune_config, _trainer)
+    return training_main(parse_args("fine-tune a BootMAE encoder", "vit_base", argv,
+                                  doc="docs/evaluation.md#fine-tuning"), load_finetune_config, _trainer)
 
 
 if __name__ == "__main__":

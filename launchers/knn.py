@@ -25,7 +25,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from bootmae_ds.evaluation.encoder_args import add_encoder_args, check_encoder_args
 
-    p = argparse.ArgumentParser(description="weighted k-NN evaluation of a BootMAE encoder")
+    p = argparse.ArgumentParser(description="weighted k-NN evaluation of a BootMAE encoder",
+                                epilog="docs: docs/evaluation.md#k-nn")
     add_encoder_args(p)
     p.add_argument("--bank", default="demo", help="labelled bank: a data.train spec, 'demo' or 'demo-test'")
     p.add_argument("--queries", default="demo-test", help="labelled queries (same forms as --bank)")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cached = CACHED in argv
     args = parse_args(f"linear probing of a BootMAE encoder ({CACHED}: on features extracted once)", "vit_base",
-                      [a for a in argv if a != CACHED])
+                      [a for a in argv if a != CACHED], doc="docs/evaluation.md#linear-probing")
     if cached:
         args.set = [*args.set, "mode=cached_features"]
     return training_main(args, load_linprobe_config, _trainer)

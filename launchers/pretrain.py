@@ -20,7 +20,7 @@ def _trainer():
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main(parse_args("BootMAE pre-training", "vit_base_800ep", argv), load_config, _trainer)
+    return training_main(parse_args("BootMAE pre-training", "vit_base_800ep", argv, doc="docs/pretraining.md"), load_config, _trainer)
 
 
 if __name__ == "__main__":

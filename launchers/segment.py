@@ -29,7 +29,8 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("semantic segmentation on a BootMAE encoder", "ade20k_base", argv, extra=_flags)
+    args = parse_args("semantic segmentation on a BootMAE encoder", "ade20k_base", argv, extra=_flags,
+                      doc="docs/segmentation.md")
     if args.eval_only != (args.weights is not None):
         print("error: --eval-only and --weights go together (score a file without training)", file=sys.stderr)
         return 2

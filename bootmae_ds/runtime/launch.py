@@ -14,9 +14,12 @@ from ..config import ConfigError, InputError
 
 
 def parse_args(description: str, default_config: str, argv: list[str] | None = None,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """The training launchers' flags; ``extra`` adds a launcher's own."""
-    parser = argparse.ArgumentParser(description=description)
+               extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               doc: str | None = None) -> argparse.Namespace:
+    """The training launchers' flags; ``extra`` adds a launcher's own; ``doc`` is the job's page,
+    named at the end of ``--help`` with the configuration reference."""
+    epilog = f"docs: {doc}; every config key: docs/configuration.md" if doc else None
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
     parser.add_argument("--config", default=default_config, help="preset name or YAML path")
     parser.add_argument("--output-dir", required=True, type=Path, help="run directory")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
