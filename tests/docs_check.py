@@ -95,20 +95,23 @@ def bad_links(root: Path) -> list[str]:
     return problems
 
 
-def commands(text: str) -> Iterator[str]:
-    """Shell commands of a page: each line of a fenced block (continuations joined, comments cut) and
-    each inline code span that runs a launcher, bootmae-config or holds --set."""
+def commands(text: str) -> Iterator[tuple[str, bool]]:
+    """Shell commands of a page, each with whether its config must load: each line of a fenced block
+    (continuations joined, comments cut; a ```console block shows a command that fails on purpose,
+    so only its keys are checked) and each inline code span that runs a launcher, bootmae-config or
+    holds --set."""
     for block in FENCE.findall(text):
+        must_load = not block.startswith("```console")
         body = block.split("\n", 1)[1].rsplit("```", 1)[0] if block.startswith("```") else block
         if block.startswith("```python") or block.startswith("```yaml"):
             continue
         for line in body.replace("\\\n", " ").splitlines():
-            line = re.sub(r"(^|\s)#.*$", "", line).strip()
-            yield from (part.strip() for part in line.split("&&") if part.strip())
+            line = re.sub(r"(^|\s)#.*$", "", line).strip().removeprefix("$ ")
+            yield from ((part.strip(), must_load) for part in line.split("&&") if part.strip())
     for span in re.findall(r"`([^`]+)`", COMMENT.sub("", FENCE.sub("", text))):
         span = " ".join(span.split())
         if "--set" in span or "bootmae-config" in span or re.search(r"--config\s", span):
-            yield span
+            yield span, True
 
 
 def command_job(tokens: list[str], page: str) -> str | None:
@@ -133,7 +136,7 @@ def is_key(tree: type[BaseModel], key: str) -> bool:
 def bad_commands(root: Path) -> list[str]:
     problems = []
     for doc in doc_files(root):
-        for cmd in commands(doc.read_text()):
+        for cmd, must_load in commands(doc.read_text()):
             try:
                 tokens = shlex.split(cmd)
             except ValueError:
@@ -169,7 +172,7 @@ def bad_commands(root: Path) -> list[str]:
             unknown = [s for s in sets if not is_key(TREES[job], s.partition("=")[0])]
             if unknown:
                 problems.append(f"{where}: not keys of the {job} tree: {', '.join(unknown)}")
-            elif sets or preset is not None:
+            elif must_load and (sets or preset is not None):
                 try:
                     LOADERS[job](*([preset] if preset and preset.isidentifier() else []),
                                  overrides=[s for s in sets if not s.endswith("=...")])
