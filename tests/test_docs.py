@@ -113,3 +113,14 @@ def test_help_names_an_existing_doc_page(script: Path, monkeypatch) -> None:
         path, _, anchor = page.partition("#")
         assert (ROOT / path).is_file(), page
         assert not anchor or anchor in docs_check.anchors(ROOT / path), page
+
+
+def test_detection_memory_table_is_what_its_command_prints(capsys) -> None:
+    """docs/detection.md's attention-memory table, re-derived by its command
+    (`python -m bootmae_ds.detect.memory`: arithmetic, no model is built)."""
+    from bootmae_ds.detect import memory
+
+    memory.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ViT")]
+    page = (ROOT / "docs" / "detection.md").read_text()
+    assert len(rows) == 4 and all(row in page for row in rows), "\n".join(rows)
