@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,8 @@ CONFIG_FLAG_JOB = {"--finetune": "finetune", "--linprobe": "linprobe", "--segmen
 PAGE_JOB = {"pretraining.md": "pretrain", "continued-pretraining.md": "pretrain", "data.md": "pretrain",
             "segmentation.md": "segment", "detection.md": "detect"}
 NAMED_PATH = re.compile(r"(?<![\w/.-])((?:launchers|data_prep|bench|tests|bootmae_ds|ds_configs)/[\w/.-]*\w\.(?:py|sh|sbatch|md|json))")
-FENCE = re.compile(r"^```.*?^```", re.M | re.S)
-COMMENT = re.compile(r"<!--.*?-->", re.S)
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -103,7 +102,7 @@ def commands(text: str) -> Iterator[tuple[str, bool]]:
     for block in FENCE.findall(text):
         must_load = not block.startswith("```console")
         body = block.split("\n", 1)[1].rsplit("```", 1)[0] if block.startswith("```") else block
-        if block.startswith("```python") or block.startswith("```yaml"):
+        if block.startswith(("```python", "```yaml")):
             continue
         for line in body.replace("\\\n", " ").splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line).strip().removeprefix("$ ")
@@ -145,13 +144,10 @@ def bad_commands(root: Path) -> list[str]:
             where = f"{doc.relative_to(root)}: `{cmd}`"
             preset, sets = None, []
             for i, tok in enumerate(tokens):
-                if tok == "--config" and i + 1 < len(tokens):
-                    preset = tokens[i + 1]
-                elif tok in ("bootmae-config", "bootmae_ds.config") and i + 1 < len(tokens) and \
-                        not tokens[i + 1].startswith("-"):
-                    preset = tokens[i + 1]
-                elif tok in CONFIG_FLAG_JOB and i + 1 < len(tokens) and not tokens[i + 1].startswith("-"):
-                    preset = tokens[i + 1]
+                following = tokens[i + 1] if i + 1 < len(tokens) else "-"
+                if tok == "--config" or (tok in ("bootmae-config", "bootmae_ds.config", *CONFIG_FLAG_JOB)
+                                         and not following.startswith("-")):
+                    preset = following
                 elif tok == "--set":
                     for arg in tokens[i + 1:]:
                         if arg.startswith("-") or "=" not in arg:

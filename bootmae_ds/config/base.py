@@ -36,15 +36,19 @@ class Section(BaseModel):
 class Tree(Section):
     """A whole configuration tree: printed and saved as YAML with every run."""
 
-    # The sections every job shares come last when printed, as they did before they were declared
-    # once in a base class (pydantic lists a base class's fields first).
+    # Printed order: the job's mode and starting weights, its own sections, then the sections every
+    # job shares, as before these were declared once in base classes (pydantic lists a base class's
+    # fields first).
+    SHARED_FIRST: ClassVar[tuple[str, ...]] = ("mode", "init")
     SHARED_LAST: ClassVar[tuple[str, ...]] = ("eval", "checkpoint", "logging", "run", "debug")
 
     @classmethod
     def section_names(cls) -> list[str]:
-        """The tree's sections in printed order: the job's own, then the shared ones."""
+        """The tree's sections in printed order."""
         names = list(cls.model_fields)
-        return [n for n in names if n not in cls.SHARED_LAST] + [n for n in cls.SHARED_LAST if n in names]
+        first = [n for n in cls.SHARED_FIRST if n in names]
+        last = [n for n in cls.SHARED_LAST if n in names]
+        return first + [n for n in names if n not in first + last] + last
 
     def to_yaml(self) -> str:
         dump = self.model_dump(mode="json")

@@ -90,6 +90,21 @@ class LabelledDataConfig(DataConfig):
         None, description="Normalisation std; null = the pre-training run's.")
 
 
+class EpochScheduleConfig(Section):
+    """A schedule in epochs of the training set with a linear warm-up (fine-tuning, probing: each
+    sets its own lengths)."""
+
+    epochs: int = Field(100, ge=1, description="Training epochs.")
+    warmup_epochs: float = Field(20, ge=0, description="Linear warm-up epochs.")
+    steps_per_epoch: int | None = Field(None, ge=1, description="null = from the training set size.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EpochScheduleConfig:
+        if self.warmup_epochs >= self.epochs:
+            fail("schedule.warmup_epochs", self.warmup_epochs, f"must be below schedule.epochs={self.epochs}")
+        return self
+
+
 class EvalConfig(Section):
     """When the held-out set is evaluated."""
 
@@ -235,8 +250,14 @@ class JobTree(Tree):
     debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
 
 
-class EpochJobTree(JobTree):
-    """A job evaluated on a held-out set every ``eval.every_epochs`` (fine-tuning, probing,
+class TransferJobTree(JobTree):
+    """A job that starts from a pre-trained encoder (fine-tuning, probing, segmentation, detection)."""
+
+    init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
+
+
+class EpochJobTree(TransferJobTree):
+    """A transfer job evaluated on a held-out set every ``eval.every_epochs`` (fine-tuning, probing,
     detection)."""
 
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")

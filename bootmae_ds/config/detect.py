@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import EpochJobTree, InitConfig, NonfiniteGuard, RunConfig, accumulation_steps
+from .common import EpochJobTree, NonfiniteGuard, RunConfig, accumulation_steps
 
 PRESET_DIR = PRESETS_ROOT / "detect"
 
@@ -180,7 +180,6 @@ class DetectScheduleConfig(Section):
 class DetectConfig(EpochJobTree):
     """A whole detection (Mask R-CNN) run."""
 
-    init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
     model: DetectorConfig = Field(default_factory=DetectorConfig, description="Detector.")
     optim: DetectOptimConfig = Field(default_factory=DetectOptimConfig, description="Optimizer.")
     schedule: DetectScheduleConfig = Field(default_factory=DetectScheduleConfig, description="Schedule.")

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import EpochJobTree, InitConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
+from .common import EpochJobTree, EpochScheduleConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "finetune"
 
@@ -79,18 +79,11 @@ class FinetuneOptimConfig(NonfiniteGuard):
         20, ge=1, description="Non-finite steps in a row (skipped by DeepSpeed) before on_nonfinite acts.")
 
 
-class FinetuneScheduleConfig(Section):
+class FinetuneScheduleConfig(EpochScheduleConfig):
     """Cosine lr with linear warm-up, in epochs of the training set."""
 
     epochs: int = Field(100, ge=1, description="Fine-tuning epochs.")
     warmup_epochs: float = Field(20, ge=0, description="Linear warm-up epochs.")
-    steps_per_epoch: int | None = Field(None, ge=1, description="null = from the training set size.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "FinetuneScheduleConfig":
-        if self.warmup_epochs >= self.epochs:
-            fail("schedule.warmup_epochs", self.warmup_epochs, f"must be below schedule.epochs={self.epochs}")
-        return self
 
 
 class ModelEmaConfig(Section):
@@ -110,7 +103,6 @@ class FinetuneDataConfig(LabelledDataConfig):
 class FinetuneConfig(EpochJobTree):
     """A whole fine-tuning run."""
 
-    init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
     model: ClassifierConfig = Field(default_factory=ClassifierConfig, description="Classifier.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation.")
     optim: FinetuneOptimConfig = Field(default_factory=FinetuneOptimConfig, description="Optimizer.")

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import EpochJobTree, InitConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
+from .common import EpochJobTree, EpochScheduleConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
 
 PRESET_DIR = PRESETS_ROOT / "linprobe"
 
@@ -46,18 +46,11 @@ class ProbeOptimConfig(NonfiniteGuard):
     clip_grad: float | None = Field(None, gt=0, description="Max grad norm; null = no clipping (official).")
 
 
-class ProbeScheduleConfig(Section):
+class ProbeScheduleConfig(EpochScheduleConfig):
     """Warm-up then cosine, per optimizer step, in epochs of the training set."""
 
     epochs: int = Field(90, ge=1, description="Probing epochs.")
     warmup_epochs: float = Field(10, ge=0, description="Linear warm-up epochs.")
-    steps_per_epoch: int | None = Field(None, ge=1, description="null = from the training set size.")
-
-    @model_validator(mode="after")
-    def _check(self) -> ProbeScheduleConfig:
-        if self.warmup_epochs >= self.epochs:
-            fail("schedule.warmup_epochs", self.warmup_epochs, f"must be below schedule.epochs={self.epochs}")
-        return self
 
 
 class ProbeDataConfig(LabelledDataConfig):
@@ -79,7 +72,6 @@ class LinprobeConfig(EpochJobTree):
         "(the protocol; streams, resumable). cached_features: features of centre crops extracted once "
         "and the same head trained on them (fast yardstick for small data; no augmentation, the training "
         "set's features in memory, no checkpoints).")
-    init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
     model: ProbeModelConfig = Field(default_factory=ProbeModelConfig, description="Probe.")
     optim: ProbeOptimConfig = Field(default_factory=ProbeOptimConfig, description="Optimizer.")
     schedule: ProbeScheduleConfig = Field(default_factory=ProbeScheduleConfig, description="Schedule.")

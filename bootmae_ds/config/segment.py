@@ -15,7 +15,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import CheckpointConfig, DataConfig, InitConfig, JobTree, LoggingConfig, NonfiniteGuard, RunConfig
+from .common import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    NonfiniteGuard,
+    RunConfig,
+    TransferJobTree,
+)
 
 PRESET_DIR = PRESETS_ROOT / "segment"
 
@@ -152,10 +159,9 @@ class SegmentEvalConfig(Section):
         return self
 
 
-class SegmentConfig(JobTree):
+class SegmentConfig(TransferJobTree):
     """A whole segmentation run."""
 
-    init: InitConfig = Field(default_factory=InitConfig, description="Pre-trained encoder.")
     model: SegmentorConfig = Field(default_factory=SegmentorConfig, description="Segmentor.")
     optim: SegmentOptimConfig = Field(default_factory=SegmentOptimConfig, description="Optimizer.")
     schedule: SegmentScheduleConfig = Field(default_factory=SegmentScheduleConfig, description="Schedule.")
