@@ -124,3 +124,11 @@ def test_detection_memory_table_is_what_its_command_prints(capsys) -> None:
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ViT")]
     page = (ROOT / "docs" / "detection.md").read_text()
     assert len(rows) == 4 and all(row in page for row in rows), "\n".join(rows)
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """CI (.ci/run) runs the README's test command; the two must not drift apart."""
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("Tests:", 1)[1].split("```")[1].strip()
+    assert command == "pip install -e '.[test]' && python -m pytest -q"
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == command
