@@ -96,7 +96,7 @@ def test_backbone_levels_have_the_strides_and_channels(patch: int) -> None:
 
 
 def test_memory_on_paper_of_global_and_windowed_attention() -> None:
-    """The README's table: 1333x800 padded to 1344x800 is 50 x 84 = 4,200 patches (4,201 tokens); a
+    """docs/detection.md's table: 1333x800 padded to 1344x800 is 50 x 84 = 4,200 patches (4,201 tokens); a
     global ViT-B block keeps a [12, 4201, 4201] bf16 bias; windows of 14 pad the grid to 56 x 84."""
     from bootmae_ds.detect.memory import VIT_B, VIT_L, activation_bytes, padded_grid
 

@@ -1,7 +1,7 @@
 """The backbone's activation memory on paper: global attention over the whole image against
 windowed attention with a few global blocks (Li et al.), for the paper's 1333x800 input.
 
-    python -m bootmae_ds.detect.memory          # the README's table
+    python -m bootmae_ds.detect.memory          # docs/detection.md's table
 
 What one training step keeps for the backward pass of the ViT backbone under bf16 autocast, per
 GPU (``batch`` images), counted tensor by tensor for our blocks (``models/pyramid.py``):
@@ -70,7 +70,7 @@ def activation_bytes(m: Backbone, grid: tuple[int, int], batch: int, window: int
 
 
 def table(height: int = 800, width: int = 1333, batch: int = 2) -> list[tuple[str, str, dict[str, float]]]:
-    """The README's rows: both sizes, global vs 14x14 windows with 4 global blocks."""
+    """docs/detection.md's rows: both sizes, global vs 14x14 windows with 4 global blocks."""
     rows = []
     for m in (VIT_B, VIT_L):
         grid = padded_grid(height, width, m.patch)
