@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bootmae_ds.config import BootMAEConfig
 from bootmae_ds.data import plan
 from bootmae_ds.data.seeds import mix_seed
+from bootmae_ds.data.mixture import MixedSource, source_counts, worker_layout
 from bootmae_ds.data.shards import ShardError
 from bootmae_ds.data.sources import RawSample, Source, open_source
 from bootmae_ds.data.transforms import SampleTransform
@@ -129,41 +130,30 @@ class StreamingDataset(IterableDataset):
         n = plan.worker_batches(self.num_batches, self.workers, worker)
         if first >= n:
             return
-        counts = [s.count for s in self.source.shards]
-        segments = plan.worker_segments(counts, self.seed, self.epoch, self.rank, self.world_size,
-                                        worker, self.workers, self.batch_size, self.num_samples)
+        layout = worker_layout(self.source, self.seed, self.epoch, self.rank, self.world_size,
+                               worker, self.workers, self.batch_size, self.num_samples)
         B = self.batch_size
         order = plan.worker_order(self.seed, self.epoch, self.rank, worker, n * B,
                                   self.shuffle_buffer)
         needed = bytearray(n * B)
         for q in order[first * B :]:
             needed[q] = 1
-        stream = self._stream(segments, needed)
+        streams = layout.streams(self.source, needed)  # one per source of a mixture
         pending: dict[int, RawSample] = {}
-        reader = _Reader(worker, segments)
+        reader = _Reader(worker, layout.segments)
         for j in range(first, n):
             raws = []
             for q in order[j * B : (j + 1) * B]:
-                while q not in pending:  # read on in sequence order until q arrives
-                    pos, raw = next(stream)
+                while q not in pending:  # read on in its source's sequence order until q arrives
+                    pos, raw = next(streams[layout.part_of(q)])
                     pending[pos] = raw
                 raws.append(pending.pop(q))
-            yield self._collate(raws, j, reader)
+            parts = None if layout.slots is None else [layout.part_of(q) for q in order[j * B : (j + 1) * B]]
+            yield self._collate(raws, j, reader, parts)
 
-    def _stream(
-        self, segments: list[plan.Segment], needed: bytearray
-    ) -> Iterator[tuple[int, RawSample]]:
-        """(worker position, raw sample) for every needed position, in sequence order."""
-        offset = 0
-        for shard, lo, hi in segments:
-            base = offset - lo
-            wanted = lambda p, base=base: needed[base + p] == 1
-            for p, raw in self.source.read(shard, lo, hi, wanted):
-                yield base + p, raw
-            offset += hi - lo
-
-    def _collate(self, raws: list[RawSample], j: int, reader: _Reader) -> Batch:
-        """Micro-batch ``j`` of ``reader``'s logical worker from its raw samples."""
+    def _collate(self, raws: list[RawSample], j: int, reader: _Reader, parts: list[int] | None = None) -> Batch:
+        """Micro-batch ``j`` of ``reader``'s logical worker from its raw samples (``parts``: the
+        mixture source of each, counted per source)."""
         B, index = len(raws), j * self.workers + reader.worker
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * B
         errors: dict[int, str] = {}
@@ -205,6 +195,8 @@ class StreamingDataset(IterableDataset):
         batch: Batch = {"images": torch.stack(images)}
         if masks[0] is not None:  # labelled (fine-tuning) transforms make no masks
             batch["masks"] = torch.stack(masks)
+        if parts is not None:
+            batch |= source_counts(self.source, parts, errors)
         return batch | {
             "labels": torch.tensor(labels, dtype=torch.int64),
             "keys": keys,
@@ -392,6 +384,10 @@ def build_train_loader(
     source = open_source(cfg)
     source.check()
     total = source.num_samples if d.num_samples is None else min(d.num_samples, source.num_samples)
+    if isinstance(source, MixedSource):
+        total = source.epoch_samples
+        if rank == 0:
+            print(source.summary(), flush=True)
     dataset = StreamingDataset(
         source=source,
         transform=transform or SampleTransform.from_config(cfg),
