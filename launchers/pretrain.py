@@ -19,8 +19,14 @@ def _trainer():
     return pretrain
 
 
+def _load(source: str, overrides: list[str]):
+    from bootmae_ds.data.mixture import check_entries_exist
+
+    return check_entries_exist(load_config(source, overrides))  # a mixture's paths, before any work
+
+
 def main(argv: list[str] | None = None) -> int:
-    return training_main(parse_args("BootMAE pre-training", "vit_base_800ep", argv), load_config, _trainer)
+    return training_main(parse_args("BootMAE pre-training", "vit_base_800ep", argv), _load, _trainer)
 
 
 if __name__ == "__main__":

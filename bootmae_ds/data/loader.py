@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bootmae_ds.config import BootMAEConfig
 from bootmae_ds.data import plan
+from bootmae_ds.data.mixture import MixedSource, open_train_source, source_counts, worker_layout
 from bootmae_ds.data.seeds import mix_seed
-from bootmae_ds.data.mixture import MixedSource, source_counts, worker_layout
 from bootmae_ds.data.shards import ShardError
-from bootmae_ds.data.sources import RawSample, Source, open_source
+from bootmae_ds.data.sources import RawSample, Source
 from bootmae_ds.data.transforms import SampleTransform
 
 log = logging.getLogger("bootmae_ds.data")
@@ -381,7 +381,7 @@ def build_train_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     d = cfg.data
-    source = open_source(cfg)
+    source = open_train_source(cfg)
     source.check()
     total = source.num_samples if d.num_samples is None else min(d.num_samples, source.num_samples)
     if isinstance(source, MixedSource):

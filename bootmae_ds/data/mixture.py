@@ -25,15 +25,16 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bootmae_ds.config import InputError
+from bootmae_ds.config import ConfigError, InputError
 from bootmae_ds.data import plan
 from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.shards import ShardError
-from bootmae_ds.data.sources import RawSample, ShardSpec, Source, Wanted
+from bootmae_ds.data.sources import RawSample, ShardSpec, Source, Wanted, open_source
 
 if TYPE_CHECKING:
     from bootmae_ds.config import BootMAEConfig
@@ -186,8 +187,9 @@ class MixedSource(Source):
     def summary(self) -> str:
         """The start-up line: each source, its size, weight and what an epoch takes from it."""
         E = self.epoch_samples
-        lines = [f"data: {self.description} (data.epoch_samples; one epoch of the lr warm-up and "
-                 f"the schedules is this mixture epoch)"]
+        head = (f"data: {self.description} (data.epoch_samples; one epoch of the lr warm-up and "
+                f"the schedules is this mixture epoch)")
+        lines = [head]
         for part, q in zip(self.parts, self.quotas):
             lines.append(f"  {part.name}: {part.source.description}, {part.size} samples, weight "
                          f"{part.weight:g} -> {q} per epoch ({q / E:.1%} of the epoch, "
@@ -207,10 +209,27 @@ def source_counts(source: Source, parts: list[int], errors: dict[int, str]) -> d
     return {"source_samples": samples, "source_corrupt": corrupt}
 
 
+def check_entries_exist(cfg: BootMAEConfig) -> BootMAEConfig:
+    """A one-line ``ConfigError`` for a mixture entry naming a local path that does not exist: a
+    stat per entry, run by the launcher before any process group or model is built."""
+    if isinstance(cfg.data.train, str):
+        return cfg
+    for i, entry in enumerate(cfg.data.train):
+        spec = entry.source
+        remote = "://" in spec or spec.startswith("pipe:") or "{" in spec
+        if spec not in ("demo", "synthetic") and not remote and not Path(spec).exists():
+            raise ConfigError(f"data.train[{i}] ({spec!r}): no such file or directory; fix the path "
+                              f"or drop the entry")
+    return cfg
+
+
+def open_train_source(cfg: BootMAEConfig) -> Source:
+    """The source ``cfg.data.train`` names: one, or the mixture of those it lists."""
+    return open_source(cfg) if isinstance(cfg.data.train, str) else open_mixture(cfg)
+
+
 def open_mixture(cfg: BootMAEConfig) -> MixedSource:
     """The mixture ``cfg.data.train`` lists (validated by the config: weights, names, keys)."""
-    from bootmae_ds.data.sources import open_source
-
     d = cfg.data
     parts = []
     for i, entry in enumerate(d.train):

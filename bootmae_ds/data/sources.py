@@ -221,10 +221,6 @@ def open_source(cfg: BootMAEConfig, name: str | None = None) -> Source:
     a mixture, which makes a synthetic source's images and keys its own."""
     d = cfg.data
     spec = d.train
-    if not isinstance(spec, str):
-        from bootmae_ds.data.mixture import open_mixture
-
-        return open_mixture(cfg)
     if spec == "demo":
         from bootmae_ds.data.demo import ensure_demo_shards
 
