@@ -238,3 +238,10 @@ def test_mixed_run_resized_from_two_ranks_to_one_continues_at_the_next_epoch(tmp
     for name in ("demo", "syn"):
         assert row[f"samples_{name}"] == sum(b["source_samples"][name] for b in first)
         assert row[f"samples_{name}_total"] == _rows(out)[2][f"samples_{name}_total"] + row[f"samples_{name}"]
+
+
+def test_verify_shards_checks_each_set_of_a_mixture(shards, tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "data_prep/verify_shards.py", str(shards), str(tmp_path / "nope"),
+                           "--workers", "1", "--no-decode"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{shards}: 7/7 shards good" in proc.stdout
+    assert "nope" in proc.stderr
