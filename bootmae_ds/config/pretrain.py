@@ -396,7 +396,7 @@ def check_mixture(entries: list[Any], mean: Any, std: Any) -> None:
             fail(where, src, f"the same source as data.train[{seen[entry.identity]}]; list it once "
                  f"(raise its weight instead)")
         seen[entry.identity] = i
-        if entry.label in names or entry.label in ("per_s", "per_s_per_device"):
+        if entry.label in names or entry.label in ("per_s", "per_s_per_device") or entry.label.endswith("_total"):
             fail(f"{where}.name", entry.label, "a name another entry (or a metrics field) already "
                  "has; give the entries distinct `name`s")
         names[entry.label] = i

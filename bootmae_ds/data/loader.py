@@ -13,7 +13,8 @@ Each micro-batch is a dict:
   batch that were unreadable and replaced, re-augmented), ``filled`` int (how many of those came
   from outside the batch because none of its samples was readable), ``damaged_shards``
   list[str] (shards, or ImageFolder files, first found damaged by this batch's worker this
-  epoch), ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank).
+  epoch), ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank); from a
+  mixture also ``source_samples`` and ``source_corrupt`` ({source name: count}).
 
 State (``state_dict()``): ``{"epoch", "batches", "world_size", "num_workers", "micro_batch_size",
 "num_samples", "seed"}``; ``batches`` counts micro-batches already handed out in ``epoch``. A loader
@@ -38,7 +39,8 @@ named once in the log and in ``loader.stats["damaged_shards"]``.
 
 ``cfg.data.train`` selects the source: ``demo``, a ``manifest.json`` (or a folder holding one;
 ``data.shard_url_template`` opens its shards remotely), a brace-expanded shard URL list, an
-ImageFolder directory, or ``synthetic``. See ``bootmae_ds.data.plan`` for the sample layout.
+ImageFolder directory, or ``synthetic``; or a list of them mixed by weight
+(``bootmae_ds.data.mixture``). See ``bootmae_ds.data.plan`` for the sample layout.
 """
 
 from __future__ import annotations
