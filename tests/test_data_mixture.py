@@ -87,7 +87,7 @@ def test_quotas_and_interleave() -> None:
     dealt = interleave([3, 9])
     assert sorted(dealt.tolist()) == [0] * 3 + [1] * 9
     for length in range(1, 13):  # any stretch holds its share to within one
-        for start in range(0, 12 - length + 1):
+        for start in range(12 - length + 1):
             assert abs(int((dealt[start:start + length] == 0).sum()) - length * 3 / 12) <= 1
 
 
@@ -240,8 +240,10 @@ def test_mixed_run_resized_from_two_ranks_to_one_continues_at_the_next_epoch(tmp
         assert row[f"samples_{name}_total"] == _rows(out)[2][f"samples_{name}_total"] + row[f"samples_{name}"]
 
 
-def test_verify_shards_checks_each_set_of_a_mixture(shards, tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "data_prep/verify_shards.py", str(shards), str(tmp_path / "nope"),
-                           "--workers", "1", "--no-decode"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"{shards}: 7/7 shards good" in proc.stdout
-    assert "nope" in proc.stderr
+def test_verify_shards_checks_each_set_of_a_mixture(shards, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "data_prep"))
+    import verify_shards
+
+    status = verify_shards.main([str(shards), str(tmp_path / "nope"), "--workers", "1", "--no-decode"])
+    out = capsys.readouterr()
+    assert status == 2 and f"{shards}: 7/7 shards good" in out.out and "nope" in out.err
