@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,18 @@ def test_mid_epoch_resume_is_exact_and_a_resize_continues_at_the_next_epoch(shar
     fresh = build_train_loader(cfg, rank=0, world_size=1)
     fresh.epoch = 1
     assert (resized["epoch"], resized["index"]) == (1, 0) and resized["keys"] == next(iter(fresh))["keys"]
+
+
+def test_damaged_data_is_counted_against_its_source(shards, tmp_path) -> None:
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    first = sorted(damaged.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 3])  # a truncated tar
+    corrupt, per_source = 0, Counter()
+    for b in build_train_loader(_mixed(damaged, workers=1), rank=0, world_size=1):
+        corrupt += b["corrupt"]
+        per_source.update(b["source_corrupt"])
+    assert corrupt > 0 and per_source == {"tars": corrupt, "small": 0}
 
 
 def test_step_row_names_each_source_and_run_totals_add_up() -> None:
