@@ -9,7 +9,7 @@ Exit status 75 means "preempted after saving a checkpoint": run the same command
 
 from __future__ import annotations
 
-from bootmae_ds.config import load_config
+from bootmae_ds.config import load_config as load_tree
 from bootmae_ds.runtime.launch import parse_args, training_main
 
 
@@ -19,14 +19,16 @@ def _trainer():
     return pretrain
 
 
-def _load(source: str, overrides: list[str]):
+def load_config(source: str, overrides: list[str]):
+    """The config, and a stat of each local path a mixture lists: before any process group or
+    model is built."""
     from bootmae_ds.data.mixture import check_entries_exist
 
-    return check_entries_exist(load_config(source, overrides))  # a mixture's paths, before any work
+    return check_entries_exist(load_tree(source, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main(parse_args("BootMAE pre-training", "vit_base_800ep", argv), _load, _trainer)
+    return training_main(parse_args("BootMAE pre-training", "vit_base_800ep", argv), load_config, _trainer)
 
 
 if __name__ == "__main__":

@@ -271,63 +271,6 @@ class ScheduleConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
-# logging and the tree
-# --------------------------------------------------------------------------------------------
-class PretrainLoggingConfig(LoggingConfig):
-    """Console, metrics.jsonl, TensorBoard, reconstruction previews and the k-NN monitor."""
-
-    preview_every_steps: int = Field(1000, ge=1, description="Reconstruction grid every N steps.")
-    knn_every_steps: int | None = Field(
-        None, ge=1, description="k-NN accuracy of the online encoder every N steps (rank 0); null = off."
-    )
-    knn_bank: str = Field("demo", description="Labelled images of the k-NN bank (a data.train spec; "
-                          "'demo' / 'demo-test' are the digits' splits).")
-    knn_queries: str = Field("demo-test", description="Labelled images the k-NN monitor classifies.")
-    knn_bank_limit: int | None = Field(10000, ge=1, description="First N bank images; null = all.")
-    knn_query_limit: int | None = Field(5000, ge=1, description="First N query images; null = all.")
-
-
-class PretrainInitConfig(Section):
-    """The weights a new run starts from (continued pre-training). Read at the first start only:
-    a resume continues from its checkpoint. The optimizer, step and schedules start fresh."""
-
-    source: str = Field(
-        "random", description="'random' (a fresh model), a released BootMAE .pth, an MAE .pth, a timm "
-        "ViT state dict (.pth/.bin/.safetensors), one of our exports (its directory or model.safetensors) "
-        "or a pre-training run directory (weights only)."
-    )
-    kind: Literal["auto", "bootmae", "mae", "timm", "run"] = Field(
-        "auto", description="Layout of init.source; auto = recognised from its keys (the result is "
-        "written to config.yaml)."
-    )
-    which: Literal["online", "momentum"] = Field(
-        "online", description="Weights of the online model: a BootMAE file's 'model' or 'model_ema', a "
-        "run's online or momentum encoder. The momentum encoder starts from the source's EMA encoder "
-        "when it has one, else from a copy of the encoder."
-    )
-    tag: str | None = Field(None, description="Checkpoint tag of a run source; null = its latest.")
-    decoders: bool = Field(
-        True, description="Take the decoders the source holds (BootMAE's both, MAE's as the pixel "
-        "regressor); false = the encoder only, the decoders start fresh."
-    )
-    sha256: str | None = Field(
-        None, description="sha256 of the source file (of a run source's manifest.json); null = "
-        "computed at start and written to config.yaml; given = the file must match it."
-    )
-    loaded: list[str] | None = Field(
-        None, description="Written at start: the parts taken from the source (encoder, pixel_decoder, "
-        "feature_decoder, momentum_encoder); the others started fresh."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "PretrainInitConfig":
-        if self.sha256 is not None and (len(self.sha256) != 64 or not all(
-                c in "0123456789abcdef" for c in self.sha256.lower())):
-            fail("init.sha256", self.sha256, "must be 64 hex digits (sha256sum's output) or null")
-        return self
-
-
-# --------------------------------------------------------------------------------------------
 # data: one source, or a weighted mixture of several
 # --------------------------------------------------------------------------------------------
 class SourceEntry(Section):
@@ -430,6 +373,63 @@ class PretrainDataConfig(DataConfig):
     @property
     def mixed(self) -> bool:
         return not isinstance(self.train, str)
+
+
+# --------------------------------------------------------------------------------------------
+# logging and the tree
+# --------------------------------------------------------------------------------------------
+class PretrainLoggingConfig(LoggingConfig):
+    """Console, metrics.jsonl, TensorBoard, reconstruction previews and the k-NN monitor."""
+
+    preview_every_steps: int = Field(1000, ge=1, description="Reconstruction grid every N steps.")
+    knn_every_steps: int | None = Field(
+        None, ge=1, description="k-NN accuracy of the online encoder every N steps (rank 0); null = off."
+    )
+    knn_bank: str = Field("demo", description="Labelled images of the k-NN bank (a data.train spec; "
+                          "'demo' / 'demo-test' are the digits' splits).")
+    knn_queries: str = Field("demo-test", description="Labelled images the k-NN monitor classifies.")
+    knn_bank_limit: int | None = Field(10000, ge=1, description="First N bank images; null = all.")
+    knn_query_limit: int | None = Field(5000, ge=1, description="First N query images; null = all.")
+
+
+class PretrainInitConfig(Section):
+    """The weights a new run starts from (continued pre-training). Read at the first start only:
+    a resume continues from its checkpoint. The optimizer, step and schedules start fresh."""
+
+    source: str = Field(
+        "random", description="'random' (a fresh model), a released BootMAE .pth, an MAE .pth, a timm "
+        "ViT state dict (.pth/.bin/.safetensors), one of our exports (its directory or model.safetensors) "
+        "or a pre-training run directory (weights only)."
+    )
+    kind: Literal["auto", "bootmae", "mae", "timm", "run"] = Field(
+        "auto", description="Layout of init.source; auto = recognised from its keys (the result is "
+        "written to config.yaml)."
+    )
+    which: Literal["online", "momentum"] = Field(
+        "online", description="Weights of the online model: a BootMAE file's 'model' or 'model_ema', a "
+        "run's online or momentum encoder. The momentum encoder starts from the source's EMA encoder "
+        "when it has one, else from a copy of the encoder."
+    )
+    tag: str | None = Field(None, description="Checkpoint tag of a run source; null = its latest.")
+    decoders: bool = Field(
+        True, description="Take the decoders the source holds (BootMAE's both, MAE's as the pixel "
+        "regressor); false = the encoder only, the decoders start fresh."
+    )
+    sha256: str | None = Field(
+        None, description="sha256 of the source file (of a run source's manifest.json); null = "
+        "computed at start and written to config.yaml; given = the file must match it."
+    )
+    loaded: list[str] | None = Field(
+        None, description="Written at start: the parts taken from the source (encoder, pixel_decoder, "
+        "feature_decoder, momentum_encoder); the others started fresh."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainInitConfig":
+        if self.sha256 is not None and (len(self.sha256) != 64 or not all(
+                c in "0123456789abcdef" for c in self.sha256.lower())):
+            fail("init.sha256", self.sha256, "must be 64 hex digits (sha256sum's output) or null")
+        return self
 
 
 class BootMAEConfig(Tree):
