@@ -9,7 +9,7 @@ Exit status 75 means "preempted after saving a checkpoint": run the same command
 
 from __future__ import annotations
 
-from bootmae_ds.config import load_config
+from bootmae_ds.config import load_config as load_tree
 from bootmae_ds.runtime.launch import parse_args, training_main
 
 
@@ -17,6 +17,14 @@ def _trainer():
     from bootmae_ds.pretrain.trainer import pretrain
 
     return pretrain
+
+
+def load_config(source: str, overrides: list[str]):
+    """The config, and a stat of each local path a mixture lists: before any process group or
+    model is built."""
+    from bootmae_ds.data.mixture import check_entries_exist
+
+    return check_entries_exist(load_tree(source, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,6 +142,9 @@ def _explain(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "value_error" or not field:
             lines.append(f"  - {msg}")
+        elif field == "data.train" and isinstance(e.get("input"), list):  # a pre-training mixture
+            lines.append("  - data.train: this job takes one source (a string); weighted lists of "
+                         "sources are for pre-training only")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  - {field}: unknown field (check the spelling; see `bootmae-config "
                          f"--describe`)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -262,6 +264,111 @@ class ScheduleConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
+# data: one source, or a weighted mixture of several
+# --------------------------------------------------------------------------------------------
+class SourceEntry(Section):
+    """One source of a mixture (``data.train`` as a list)."""
+
+    source: str = Field(description="Any one-source data.train value: 'demo', 'synthetic', a "
+                        "manifest.json, a shard URL list or an ImageFolder directory.")
+    weight: float = Field(description="Share of every mixture epoch (weights are normalised).")
+    name: str | None = Field(None, description="Name in metrics (samples_<name>); null = from "
+                             "the source (its folder name).")
+    num_samples: int | None = Field(None, ge=1, description="This source's size where it cannot "
+                                    "be read off (synthetic, shard URLs without a manifest).")
+    mean: tuple[float, float, float] | None = Field(None, description="Must equal data.mean if set "
+                                                    "(one normalisation for the run).")
+    std: tuple[float, float, float] | None = Field(None, description="Must equal data.std if set.")
+
+    @property
+    def label(self) -> str:
+        return self.name or source_name(self.source)
+
+    @property
+    def identity(self) -> str:
+        """What makes two entries the same data: the resolved path (synthetic: its name)."""
+        if self.source == "synthetic":
+            return f"synthetic:{self.label}"
+        if self.source == "demo" or "://" in self.source or self.source.startswith("pipe:"):
+            return self.source
+        path = Path(self.source).expanduser().absolute()
+        return str(path.parent if path.name == "manifest.json" else path)
+
+
+def source_name(spec: str) -> str:
+    """A metrics-safe name for a source: its folder's name (of a manifest or shards: the folder
+    holding them), 'demo' or 'synthetic'."""
+    if spec in ("demo", "synthetic"):
+        return spec
+    path = Path(spec.split("::")[0].removeprefix("pipe:").rstrip("/"))
+    name = path.parent.name if path.suffix in (".json", ".tar") or "{" in path.name else path.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "source"
+
+
+def check_mixture(entries: list[Any], mean: Any, std: Any) -> None:
+    """One line naming the first bad entry of a ``data.train`` list, before any work."""
+    if not entries:
+        fail("data.train", entries, "an empty list; give one source or a list of {source, weight}")
+    seen: dict[str, int] = {}
+    names: dict[str, int] = {}
+    for i, raw in enumerate(entries):
+        where = f"data.train[{i}]"
+        if not isinstance(raw, dict) or "source" not in raw:
+            fail(where, raw, "each entry needs a source and a weight, e.g. {source: /data/mine, weight: 0.3}")
+        src = raw["source"]
+        where += f" ({src!r})"
+        if not isinstance(src, str) or not src.strip():
+            fail(where, src, "an empty source; name 'demo', 'synthetic', a manifest.json, shard URLs or a folder")
+        w = raw.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            fail(f"{where}.weight", w, "must be a positive number")
+        entry = SourceEntry.model_validate(raw)
+        for field, run in (("mean", mean), ("std", std)):
+            own = getattr(entry, field)
+            if own is not None and tuple(own) != tuple(run):
+                fail(f"{where}.{field}", own, f"differs from data.{field}={tuple(run)}: one "
+                     f"normalisation serves the whole run; drop it or set data.{field}")
+        if entry.identity in seen:
+            fail(where, src, f"the same source as data.train[{seen[entry.identity]}]; list it once "
+                 f"(raise its weight instead)")
+        seen[entry.identity] = i
+        if entry.label in names or entry.label in ("per_s", "per_s_per_device") or entry.label.endswith("_total"):
+            fail(f"{where}.name", entry.label, "a name another entry (or a metrics field) already "
+                 "has; give the entries distinct `name`s")
+        names[entry.label] = i
+
+
+class PretrainDataConfig(DataConfig):
+    """Where pre-training images come from (one source or a weighted mixture), batching and
+    augmentation."""
+
+    train: str | list[SourceEntry] = Field(  # type: ignore[assignment]
+        "demo", description="'demo' (bundled digits shards), a manifest.json, a brace-expanded "
+        "shard URL list, an ImageFolder directory, 'synthetic', or a list of {source, weight} "
+        "mixed by weight (each source any of those kinds).")
+    epoch_samples: int | None = Field(
+        None, ge=1, description="Samples per epoch of a mixture (data.train a list); null = the sum "
+        "of the sources' sizes. The schedules' epochs are these.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_mixture(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("train"), list):
+            check_mixture(data["train"], data.get("mean", (0.5, 0.5, 0.5)), data.get("std", (0.5, 0.5, 0.5)))
+            if data.get("num_samples") is not None:
+                fail("data.num_samples", data["num_samples"], "is for one source; with a list set "
+                     "each entry's num_samples and data.epoch_samples for the epoch")
+        elif isinstance(data, dict) and data.get("epoch_samples") is not None:
+            fail("data.epoch_samples", data["epoch_samples"], "is for a list of sources; one source's "
+                 "epoch is data.num_samples")
+        return data
+
+    @property
+    def mixed(self) -> bool:
+        return not isinstance(self.train, str)
+
+
+# --------------------------------------------------------------------------------------------
 # logging and the tree
 # --------------------------------------------------------------------------------------------
 class PretrainLoggingConfig(LoggingConfig):
@@ -328,7 +435,7 @@ class BootMAEConfig(JobTree):
     momentum: MomentumConfig = Field(default_factory=MomentumConfig, description="Teacher.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Schedules.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Data.")
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig, description="Data.")
     logging: PretrainLoggingConfig = Field(default_factory=PretrainLoggingConfig, description="Logging.")
 
     @model_validator(mode="after")

@@ -13,7 +13,8 @@ Each micro-batch is a dict:
   batch that were unreadable and replaced, re-augmented), ``filled`` int (how many of those came
   from outside the batch because none of its samples was readable), ``damaged_shards``
   list[str] (shards, or ImageFolder files, first found damaged by this batch's worker this
-  epoch), ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank).
+  epoch), ``epoch`` and ``index`` (the micro-batch's position in the epoch on this rank); from a
+  mixture also ``source_samples`` and ``source_corrupt`` ({source name: count}).
 
 State (``state_dict()``): ``{"epoch", "batches", "world_size", "num_workers", "micro_batch_size",
 "num_samples", "seed"}``; ``batches`` counts micro-batches already handed out in ``epoch``. A loader
@@ -38,7 +39,8 @@ named once in the log and in ``loader.stats["damaged_shards"]``.
 
 ``cfg.data.train`` selects the source: ``demo``, a ``manifest.json`` (or a folder holding one;
 ``data.shard_url_template`` opens its shards remotely), a brace-expanded shard URL list, an
-ImageFolder directory, or ``synthetic``. See ``bootmae_ds.data.plan`` for the sample layout.
+ImageFolder directory, or ``synthetic``; or a list of them mixed by weight
+(``bootmae_ds.data.mixture``). See ``bootmae_ds.data.plan`` for the sample layout.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bootmae_ds.config import BootMAEConfig
 from bootmae_ds.data import plan
+from bootmae_ds.data.mixture import MixedSource, open_train_source, source_counts, worker_layout
 from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.shards import ShardError
-from bootmae_ds.data.sources import RawSample, Source, open_source
+from bootmae_ds.data.sources import RawSample, Source
 from bootmae_ds.data.transforms import SampleTransform
 
 log = logging.getLogger("bootmae_ds.data")
@@ -129,41 +132,30 @@ class StreamingDataset(IterableDataset):
         n = plan.worker_batches(self.num_batches, self.workers, worker)
         if first >= n:
             return
-        counts = [s.count for s in self.source.shards]
-        segments = plan.worker_segments(counts, self.seed, self.epoch, self.rank, self.world_size,
-                                        worker, self.workers, self.batch_size, self.num_samples)
+        layout = worker_layout(self.source, self.seed, self.epoch, self.rank, self.world_size,
+                               worker, self.workers, self.batch_size, self.num_samples)
         B = self.batch_size
         order = plan.worker_order(self.seed, self.epoch, self.rank, worker, n * B,
                                   self.shuffle_buffer)
         needed = bytearray(n * B)
         for q in order[first * B :]:
             needed[q] = 1
-        stream = self._stream(segments, needed)
+        streams = layout.streams(self.source, needed)  # one per source of a mixture
         pending: dict[int, RawSample] = {}
-        reader = _Reader(worker, segments)
+        reader = _Reader(worker, layout.segments)
         for j in range(first, n):
             raws = []
             for q in order[j * B : (j + 1) * B]:
-                while q not in pending:  # read on in sequence order until q arrives
-                    pos, raw = next(stream)
+                while q not in pending:  # read on in its source's sequence order until q arrives
+                    pos, raw = next(streams[layout.part_of(q)])
                     pending[pos] = raw
                 raws.append(pending.pop(q))
-            yield self._collate(raws, j, reader)
+            parts = None if layout.slots is None else [layout.part_of(q) for q in order[j * B : (j + 1) * B]]
+            yield self._collate(raws, j, reader, parts)
 
-    def _stream(
-        self, segments: list[plan.Segment], needed: bytearray
-    ) -> Iterator[tuple[int, RawSample]]:
-        """(worker position, raw sample) for every needed position, in sequence order."""
-        offset = 0
-        for shard, lo, hi in segments:
-            base = offset - lo
-            wanted = lambda p, base=base: needed[base + p] == 1
-            for p, raw in self.source.read(shard, lo, hi, wanted):
-                yield base + p, raw
-            offset += hi - lo
-
-    def _collate(self, raws: list[RawSample], j: int, reader: _Reader) -> Batch:
-        """Micro-batch ``j`` of ``reader``'s logical worker from its raw samples."""
+    def _collate(self, raws: list[RawSample], j: int, reader: _Reader, parts: list[int] | None = None) -> Batch:
+        """Micro-batch ``j`` of ``reader``'s logical worker from its raw samples (``parts``: the
+        mixture source of each, counted per source)."""
         B, index = len(raws), j * self.workers + reader.worker
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * B
         errors: dict[int, str] = {}
@@ -205,6 +197,8 @@ class StreamingDataset(IterableDataset):
         batch: Batch = {"images": torch.stack(images)}
         if masks[0] is not None:  # labelled (fine-tuning) transforms make no masks
             batch["masks"] = torch.stack(masks)
+        if parts is not None:
+            batch |= source_counts(self.source, parts, errors)
         return batch | {
             "labels": torch.tensor(labels, dtype=torch.int64),
             "keys": keys,
@@ -389,9 +383,13 @@ def build_train_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     d = cfg.data
-    source = open_source(cfg)
+    source = open_train_source(cfg)
     source.check()
     total = source.num_samples if d.num_samples is None else min(d.num_samples, source.num_samples)
+    if isinstance(source, MixedSource):
+        total = source.epoch_samples
+        if rank == 0:
+            print(source.summary(), flush=True)
     dataset = StreamingDataset(
         source=source,
         transform=transform or SampleTransform.from_config(cfg),

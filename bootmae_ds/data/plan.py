@@ -17,6 +17,9 @@ so a resumed worker knows which positions were consumed and never reads their im
 A micro-batch whose samples are all unreadable is filled from samples drawn by
 :func:`fill_positions`, a function of (seed, epoch, rank, worker, batch) alone, never of what
 the stream read before it, so a resumed loader fills it exactly as the uninterrupted one did.
+
+A mixture of several sources (``bootmae_ds.data.mixture``) keeps this layout over the mixture's
+positions and deals each position to a source by weight.
 """
 
 from __future__ import annotations

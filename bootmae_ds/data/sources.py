@@ -216,8 +216,9 @@ def _to_sample(key: str, parts: dict[str, bytes], shard_name: str, origin: str) 
     return RawSample(key, parts[ext], label, None, origin)
 
 
-def open_source(cfg: BootMAEConfig) -> Source:
-    """The sample source named by ``cfg.data.train``."""
+def open_source(cfg: BootMAEConfig, name: str | None = None) -> Source:
+    """The sample source named by ``cfg.data.train`` (one string). ``name``: the source's name in
+    a mixture, which makes a synthetic source's images and keys its own."""
     d = cfg.data
     spec = d.train
     if spec == "demo":
@@ -225,7 +226,10 @@ def open_source(cfg: BootMAEConfig) -> Source:
 
         return TarSource.from_manifest(ensure_demo_shards(d.cache_dir) / "train" / MANIFEST_NAME)
     if spec == "synthetic":
-        return SyntheticSource(d.num_samples or 1024, cfg.model.img_size, seed=cfg.run.seed)
+        if name is None:
+            return SyntheticSource(d.num_samples or 1024, cfg.model.img_size, seed=cfg.run.seed)
+        return SyntheticSource(d.num_samples or 1024, cfg.model.img_size,
+                               seed=mix_seed(cfg.run.seed, "synthetic", name) % 2**63, prefix=name)
     if spec.endswith(".json"):
         return TarSource.from_manifest(spec, d.shard_url_template)
     path = Path(spec)
@@ -297,10 +301,11 @@ class FolderSource(Source):
 class SyntheticSource(Source):
     """Deterministic random images (decoded uint8, so no codec cost) for tests and dry runs."""
 
-    def __init__(self, num_samples: int, size: int, num_classes: int = 10, seed: int = 0) -> None:
-        self.size, self.num_classes, self.seed = size, num_classes, seed
+    def __init__(self, num_samples: int, size: int, num_classes: int = 10, seed: int = 0,
+                 prefix: str = "synthetic") -> None:
+        self.size, self.num_classes, self.seed, self.prefix = size, num_classes, seed, prefix
         self.shards = [
-            ShardSpec(f"synthetic#{i}", min(SYNTHETIC_SHARD_SIZE, num_samples - i))
+            ShardSpec(f"{prefix}#{i}", min(SYNTHETIC_SHARD_SIZE, num_samples - i))
             for i in range(0, num_samples, SYNTHETIC_SHARD_SIZE)
         ]
         self.description = f"synthetic ({num_samples} images of {size}x{size * 5 // 4})"
@@ -325,7 +330,7 @@ class SyntheticSource(Source):
         for p in range(start, stop):
             if wanted(p):
                 i = base + p
-                yield p, RawSample(f"synthetic_{i:09d}", self.image(i), i % self.num_classes,
+                yield p, RawSample(f"{self.prefix}_{i:09d}", self.image(i), i % self.num_classes,
                                    None, self.shards[shard].url)
 
 

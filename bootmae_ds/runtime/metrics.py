@@ -41,6 +41,7 @@ class MetricsLogger:
         self.jsonl = None
         self.start_time = time.perf_counter()
         self.start_step: int | None = None
+        self.totals: dict[str, int] = {}  # a mixture's samples_<source>_total of the last row
         if enabled:
             self.jsonl = (run_dir / "metrics.jsonl").open("a")
             self.trackers = open_trackers(run_dir, cfg)
@@ -51,6 +52,7 @@ class MetricsLogger:
             return
         if self.start_step is None:
             self.start_step, self.start_time = step - 1, time.perf_counter()
+        self.totals = {k: v for k, v in row.items() if k.startswith("samples_") and k.endswith("_total")}
         self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.jsonl.flush()
         periodic = not step % self.every or step == self.total_steps
@@ -72,6 +74,11 @@ class MetricsLogger:
         self._each("image", tag, grid, step)
 
     def close(self) -> None:
+        if self.jsonl is not None and self.totals:  # a mixture: what each source gave
+            total = max(sum(self.totals.values()), 1)
+            print("samples per source over the run: " + ", ".join(
+                f"{k.removeprefix('samples_').removesuffix('_total')} {v} ({v / total:.1%})"
+                for k, v in self.totals.items()), flush=True)
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None

@@ -44,24 +44,43 @@ class SpikeDetector:
 
 class DataFaults:
     """What the loader reported during one optimizer step (``corrupt``, ``filled`` and
-    ``damaged_shards`` of each micro-batch), summed over ranks into the metrics row."""
+    ``damaged_shards`` of each micro-batch and, from a mixture of sources, its samples and
+    replaced samples per source), summed over ranks into the metrics row."""
 
     def __init__(self) -> None:
         self.corrupt, self.filled, self.damaged = 0, 0, []
+        # per mixture source, in the loader's order (the same on every rank: the all-reduce
+        # adds them position by position)
+        self.sources: dict[str, int] = {}
+        self.source_corrupt: dict[str, int] = {}
 
     def add(self, batch: dict[str, Any]) -> None:
         self.corrupt += int(batch.get("corrupt", 0))
         self.filled += int(batch.get("filled", 0))
         self.damaged += [d for d in batch.get("damaged_shards", []) if d not in self.damaged]
+        for name, n in batch.get("source_samples", {}).items():
+            self.sources[name] = self.sources.get(name, 0) + int(n)
+        for name, n in batch.get("source_corrupt", {}).items():
+            self.source_corrupt[name] = self.source_corrupt.get(name, 0) + int(n)
 
     def counts(self) -> list[float]:
-        """The numbers to all-reduce with the step's losses: corrupt, filled, newly damaged shards."""
-        return [float(self.corrupt), float(self.filled), float(len(self.damaged))]
+        """The numbers to all-reduce with the step's losses: corrupt, filled, newly damaged shards,
+        then (a mixture) the samples and the replaced samples of each source."""
+        per_source = [*self.sources.values(), *(self.source_corrupt.get(n, 0) for n in self.sources)]
+        return [float(self.corrupt), float(self.filled), float(len(self.damaged)), *map(float, per_source)]
 
-    def report(self, row: dict, summed: list[float], is_main: bool) -> None:
+    def report(self, row: dict, summed: list[float], is_main: bool, totals: dict[str, int] | None = None) -> None:
         """Fill the row from the all-reduced ``counts()``; name new damaged shards (a collective,
-        entered by every rank only when some rank met one, which all ranks know from the sum)."""
+        entered by every rank only when some rank met one, which all ranks know from the sum).
+        A mixture's row gets ``samples_<source>`` and ``corrupt_<source>`` of the step and, added
+        to ``totals`` (the run state's, saved in checkpoints), ``samples_<source>_total``."""
         row["corrupt_samples"], row["filled_samples"] = int(summed[0]), int(summed[1])
+        k = len(self.sources)
+        for i, name in enumerate(self.sources):
+            row[f"samples_{name}"], row[f"corrupt_{name}"] = int(summed[3 + i]), int(summed[3 + k + i])
+            if totals is not None:
+                totals[name] = totals.get(name, 0) + row[f"samples_{name}"]
+                row[f"samples_{name}_total"] = totals[name]
         if summed[2] > 0:
             names: list[list[str] | None] = [None] * dist.get_world_size()
             dist.all_gather_object(names, self.damaged)

@@ -41,6 +41,7 @@ class RunState:
     skipped_in_row: int = 0
     rewinds: list[dict[str, Any]] = field(default_factory=list)  # one record per rewind
     recent_losses: list[float] = field(default_factory=list)  # the spike detector's window
+    source_samples: dict[str, int] = field(default_factory=dict)  # a mixture's samples per source
 
     # What a rewind keeps from the moment it happens (the rest comes from the checkpoint).
     KEPT_ON_REWIND = ("skipped_total", "rewinds", "recent_losses")

@@ -123,7 +123,7 @@ class JobTrainer:
             row["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             row["memory_gb"] = psutil.Process().memory_info().rss / 2**30
-        faults.report(row, counts, self.info.is_main)
+        faults.report(row, counts, self.info.is_main, self.state.source_samples)
         watch(row, self.spikes, self.state.step, len(self.state.rewinds), self.info.is_main)
         return row
 
