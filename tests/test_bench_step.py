@@ -46,3 +46,22 @@ def test_the_reference_step_runs_in_bf16(cfg) -> None:
                                        cfg.mask.num_masked, patch=m.patch_size, depth=m.depth, heads=m.num_heads,
                                        feature_blocks=(0, m.depth - 1))
     assert image.dtype == features.dtype == torch.bfloat16 and torch.isfinite(image.float()).all()
+
+
+def test_a_failing_part_costs_no_other_parts_figures(cfg, tmp_path, monkeypatch) -> None:
+    """One part's error (here the reference step's, as on the GPU before its fix) is recorded and
+    the parts after it still run: the device run keeps the MAE figure."""
+    import json
+
+    import step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(step, "reference_step", broken)
+    out = tmp_path / "step.json"
+    result = step.main(["--size", "tiny", "--batch", "2", "--steps", "1", "--device", "cpu", "--peak-tflops", "1",
+                        "--only", "reference,mae", "--json", str(out), "--set", *TINY[1:]])
+    assert set(result["steps"]) == {"ours, MAE (8-block decoder)"}
+    assert result["errors"] == {"reference": "RuntimeError: Expected all tensors to be on the same device"}
+    assert json.loads(out.read_text())["errors"] == result["errors"]
