@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import ROOT
+from distributed import ROOT, check_engine_facts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -137,13 +137,8 @@ def test_bf16_engine_accumulates_and_reduces_in_fp32_and_its_ema_is_exact(tmp_pa
     proc = _python("tests/dist_scripts/engine_facts.py", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     facts = json.loads(out.read_text())
-    assert facts["device"].startswith("cuda") and facts["accum_steps"] == 2
-    assert facts["param_dtype"] == "torch.bfloat16"
-    assert facts["grad_accum_dtype"] == "torch.float32" and facts["separate_grad_accum"]
-    assert facts["held_grad_dtypes"] == ["torch.float32"]  # the first micro-batch's gradient, held in fp32
-    assert facts["communication_dtype"] == "torch.float32"
-    assert facts["applied"] == [True, True, False, True]
-    assert facts["ema_exact"] and facts["ema_max_err"] == 0.0, facts
+    assert facts["device"].startswith("cuda") and facts["world_size"] == 1
+    check_engine_facts(facts)  # as on 2 CPU ranks (tests/test_momentum.py)
 
 
 @pytest.fixture(scope="module")
