@@ -124,11 +124,11 @@ def test_a_part_out_of_time_loses_its_whole_process_tree_but_keeps_its_figures(t
     run = _run(tmp_path, 360)
     figures = tmp_path / "figures.json"
     # a part that wrote a figure, then hangs in a grandchild (as a rank's loader worker would)
-    script = f"echo '{{\"img_per_s\": 12.5}}' > {figures}; sleep 300 & sleep 300"
+    script = f"echo '{{\"img_per_s\": 12.5}}' > {figures}; sleep 313.5 & sleep 313.5"  # a duration no other process uses
     entry = run.part(PARTS[0], lambda r, limit: finished(r, r.sh(["bash", "-c", script], 1.0, "hang"), "hang",
                                                         json.loads(figures.read_text())))
     assert entry["status"] == "timeout" and entry["img_per_s"] == 12.5 and entry["wall_s"] < 15
-    sleeping = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "300"]]
+    sleeping = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "313.5"]]
     assert sleeping == []  # the group was killed, the background child too
     report = json.loads((tmp_path / "out" / "device_report.json").read_text())
     assert report["parts"]["env"]["status"] == "timeout"  # rewritten right after the part
