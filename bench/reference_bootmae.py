@@ -34,8 +34,11 @@ def _softmax_attention(q, k, v):
 
 
 def _self_attn(x, sd, name, heads):
-    inner = sd[f"{name}.q_bias"].numel()
-    bias = torch.cat([sd[f"{name}.q_bias"], torch.zeros(inner), sd[f"{name}.v_bias"]])
+    q_bias = sd[f"{name}.q_bias"]
+    inner = q_bias.numel()
+    # k has no bias: zeros on the biases' device and in their dtype (a CPU fp32 zeros would fail
+    # on CUDA, and promote the bias, then the bf16 matmul's sum, to fp32)
+    bias = torch.cat([q_bias, torch.zeros_like(q_bias), sd[f"{name}.v_bias"]])
     qkv = x @ sd[f"{name}.qkv.weight"].t() + bias
     q, k, v = (_heads(t, heads) for t in qkv.split(inner, dim=-1))
     out = _softmax_attention(q, k, v).transpose(1, 2).flatten(2)
@@ -43,9 +46,10 @@ def _self_attn(x, sd, name, heads):
 
 
 def _cross_attn(x, ctx, sd, name, heads):
-    inner = sd[f"{name}.q_bias"].numel()
-    q = x @ sd[f"{name}.q.weight"].t() + sd[f"{name}.q_bias"]
-    kv = ctx @ sd[f"{name}.kv.weight"].t() + torch.cat([torch.zeros(inner), sd[f"{name}.v_bias"]])
+    q_bias = sd[f"{name}.q_bias"]
+    inner = q_bias.numel()
+    q = x @ sd[f"{name}.q.weight"].t() + q_bias
+    kv = ctx @ sd[f"{name}.kv.weight"].t() + torch.cat([torch.zeros_like(q_bias), sd[f"{name}.v_bias"]])
     k, v = kv.split(inner, dim=-1)
     out = _softmax_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads))
     out = out.transpose(1, 2).flatten(2)
@@ -81,7 +85,8 @@ def official_forward(sd, images, idx_shuffle, mask_len, *, patch, depth, heads, 
     x = _embed(sd, images, patch)
     N = x.shape[1] - 1
     D = x.shape[2]
-    idx = torch.cat([torch.zeros(B, 1, dtype=torch.long), idx_shuffle + 1], dim=1)  # cls first
+    cls_idx = torch.zeros(B, 1, dtype=torch.long, device=idx_shuffle.device)
+    idx = torch.cat([cls_idx, idx_shuffle + 1], dim=1)  # cls first
     unshuffle = idx.argsort(dim=1)
     keep = 1 + N - mask_len
     x = torch.gather(x, 1, idx[:, :keep, None].expand(-1, -1, D))

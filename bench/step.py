@@ -15,7 +15,8 @@ One process, no DeepSpeed (the step itself: forward, losses, backward, AdamW, EM
   overhead; and our step with the momentum encoder fed 25/50/75/100% of the patches (Table 5).
 Prints img/s, analytic FLOPs per image, achieved FLOP/s against a large GEMM measured in the same
 run and dtype, and peak memory on GPUs. ``--only segment`` times a segmentation step instead (UperNet
-on the ViT at ``--seg-img`` px, the ADE20K recipe; FLOPs: 3x the counted forward).
+on the ViT at ``--seg-img`` px, the ADE20K recipe; FLOPs: 3x the counted forward). A part that
+fails is recorded under ``errors`` (JSON) and the parts after it still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -260,27 +261,49 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
         return seconds
 
-    times = {}
-    if "ours" in parts:
-        times["ours"] = run_ours("ours, BootMAE", base)
-    if "compiled" in parts:
-        times["compiled"] = run_ours("ours, BootMAE, torch.compile", base, compile=True)
-    if "reference" in parts:
+    def attempt(name: str, fn) -> None:
+        """One part; a failure is recorded (``result["errors"]``) and the next part still runs, so
+        one part's error does not cost the figures of those after it."""
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+            result.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[-2000:]
+            print(f"  {name}: FAILED: {result['errors'][name]}", file=sys.stderr, flush=True)
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return
+        if value is not None:
+            times[name] = value
+
+    def run_reference() -> float:
         flops = training_flops_per_image(flops_per_image(build_model(base), base))
-        times["reference"] = report("reference-style, BootMAE",
-                                    timed(reference_step(base, a.batch, device, dtype), a.steps, device), flops)
+        return report("reference-style, BootMAE", timed(reference_step(base, a.batch, device, dtype), a.steps, device),
+                      flops)
+
+    def run_fraction(fraction: float) -> None:
+        cfg = load_config("vit_base_800ep", [*size, f"momentum.input_fraction={fraction}"])
+        fractions[fraction] = run_ours(f"ours, momentum input {round(fraction * 100)}%", cfg, fraction)
+
+    def run_segment() -> float:
+        seg_step, seg_flops = segment_step(a.size, a.batch, device, dtype, a.seg_img)
+        return report(f"segment, UperNet {a.size} {a.seg_img}px", timed(seg_step, a.steps, device), 3 * seg_flops)
+
+    times: dict[str, float] = {}
+    fractions: dict[float, float] = {}
+    if "ours" in parts:
+        attempt("ours", lambda: run_ours("ours, BootMAE", base))
+    if "compiled" in parts:
+        attempt("compiled", lambda: run_ours("ours, BootMAE, torch.compile", base, compile=True))
+    if "reference" in parts:
+        attempt("reference", run_reference)
     if "mae" in parts:
-        times["mae"] = run_ours("ours, MAE (8-block decoder)", mae)
-    fractions = {}
+        attempt("mae", lambda: run_ours("ours, MAE (8-block decoder)", mae))
     if "fractions" in parts:
         for fraction in (float(f) for f in a.fractions.split(",")):
-            cfg = load_config("vit_base_800ep", [*size, f"momentum.input_fraction={fraction}"])
-            fractions[fraction] = run_ours(f"ours, momentum input {round(fraction * 100)}%", cfg, fraction)
+            attempt(f"fraction {fraction}", lambda f=fraction: run_fraction(f))
     if "segment" in parts:  # only with --only ...,segment: a dense-transfer step, not pre-training's
-        seg_step, seg_flops = segment_step(a.size, a.batch, device, dtype, a.seg_img)
-        times["segment"] = report(f"segment, UperNet {a.size} {a.seg_img}px", timed(seg_step, a.steps, device),
-                                  3 * seg_flops)
-        del seg_step
+        attempt("segment", run_segment)
     ratios = {}
     if "ours" in times and "compiled" in times:
         ratios["compiled_vs_eager"] = times["ours"] / times["compiled"]
@@ -297,4 +320,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main().get("errors") else 0)  # the figures of the parts that ran are written

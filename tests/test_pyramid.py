@@ -14,6 +14,7 @@ from bootmae_ds.models.pyramid import (
     ViTPyramid,
     drop_relative_position_index,
     relative_position_bias,
+    relative_position_index,
 )
 from bootmae_ds.runtime.optim import backbone_layer_decay_groups
 
@@ -31,6 +32,20 @@ def official_index(wh: int, ww: int) -> torch.Tensor:
             index[i + 1, j + 1] = (dr + wh - 1) * (2 * ww - 1) + (dc + ww - 1)
     index[0, :], index[:, 0], index[0, 0] = num, num + 1, num + 2
     return index
+
+
+def test_the_relative_position_index_works_with_a_timm_without_its_device_argument() -> None:
+    """A GPU machine's preinstalled timm may predate ``device=``: the index is then made on the CPU
+    and moved (``meta`` stands for the GPU), and equals BEiT's either way."""
+    from timm.layers.pos_embed_rel import gen_relative_position_index
+
+    def older_timm(q_size, k_size=None, class_token=False):  # the signature before ``device``
+        return gen_relative_position_index(q_size, k_size, class_token=class_token)
+
+    moved = relative_position_index((3, 4), torch.device("meta"), older_timm)
+    assert moved.device.type == "meta" and moved.shape == (13, 13)
+    assert torch.equal(relative_position_index((3, 4), None, older_timm), official_index(3, 4))
+    assert torch.equal(relative_position_index((3, 4), torch.device("cpu")), official_index(3, 4))
 
 
 def reference_forward(model: ViTPyramid, images: torch.Tensor) -> list[torch.Tensor]:

@@ -51,6 +51,17 @@ def _version(cmd: list[str]) -> str | None:
     return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else None
 
 
+def versions() -> dict:
+    """The versions the figures depend on (None: not importable; the imports entry says why)."""
+    out = {}
+    for name in ("torchvision", "timm", "deepspeed"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - reported as None
+            out[name] = None
+    return out
+
+
 def compile_readiness() -> dict:
     """What ``torch.compile`` (inductor) needs to build its kernels: a C compiler and Python's
     headers; the reason it cannot run when one is missing."""
@@ -81,6 +92,18 @@ def env_part(a: argparse.Namespace) -> None:
     out["imports"] = imports
     out["imports_ok"] = not any(str(v).startswith("missing") for v in imports.values())
     cuda = torch.cuda.is_available()
+    out |= versions()
+    out["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    write_json(a.json, out)
+    # which attention backend the figures come from: ViT-B/16's shapes (a micro-batch of 256 on a
+    # GPU, 2 on a CPU), forward and backward, as bench/sdpa_backend.py reads the profiler
+    try:
+        from sdpa_backend import attention_backend
+
+        shape = (256 if cuda else 2, 12, 197, 64)
+        out["sdpa_vit_b"] = attention_backend(shape, torch.bfloat16 if cuda else torch.float32)
+    except Exception as err:  # noqa: BLE001 - recorded; the run goes on
+        out["sdpa_vit_b"] = {"error": f"{type(err).__name__}: {err}"}
     out["device"] = torch.cuda.get_device_name(0) if cuda else (platform.processor() or "cpu")
     if cuda:
         out["nvidia_smi"] = _version(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
@@ -103,32 +126,54 @@ def env_part(a: argparse.Namespace) -> None:
 
 
 # -- jpeg ---------------------------------------------------------------------------------------
-def _write_class(args: tuple[Path, int, tuple[int, int], int]) -> int:
+JPEG_TASK_IMAGES = 64  # images per generation task: many small tasks keep every worker busy to the end
+
+
+def _write_chunk(args: tuple[Path, int, int, int, tuple[int, int]]) -> int:
+    """``count`` images of class ``c`` (the ``k``-th chunk) into ``root/class_<c>/``."""
     import torch
 
     from bootmae_ds.data.sources import write_synthetic_folder
 
     torch.set_num_threads(1)
-    root, c, size, per_class = args
-    write_synthetic_folder(root / f"part{c}", 1, per_class, size=size, quality=90, seed=c)
-    (root / f"part{c}" / "class_0").rename(root / f"class_{c}")  # part<c>/class_0 -> class_<c>
-    (root / f"part{c}").rmdir()
-    return per_class
+    root, c, k, count, size = args
+    tmp = root / f"part{c}_{k}"
+    for path in write_synthetic_folder(tmp, 1, count, size=size, quality=90, seed=1000 * c + k):
+        path.rename(root / f"class_{c}" / f"k{k}_{path.name}")
+    shutil.rmtree(tmp)
+    return count
+
+
+def jpeg_tasks(root: Path, images: int, classes: int, size: tuple[int, int],
+               per_task: int = JPEG_TASK_IMAGES) -> list[tuple[Path, int, int, int, tuple[int, int]]]:
+    """``images`` split evenly into ``classes``, each class into tasks of at most ``per_task``."""
+    tasks = []
+    for c in range(classes):
+        per_class = images // classes
+        tasks += [(root, c, k, min(per_task, per_class - start), size)
+                  for k, start in enumerate(range(0, per_class, per_task))]
+    return tasks
 
 
 def jpeg_part(a: argparse.Namespace) -> None:
-    """``--images`` JPEGs of ``--size`` in 16 classes, quality 90, built into shards of 256."""
+    """``--images`` JPEGs of ``--size`` in 16 classes, quality 90, built into shards of 256. The
+    images are made in tasks of 64 (256 tasks for 16,384 images), not one per class: 16 class-sized
+    tasks on 15 workers took two rounds."""
     from bootmae_ds.data.builder import BuildOptions, build_shards
 
     h, w = (int(x) for x in a.size.split("x"))
     src, shards = a.out / "jpeg_src", a.out / "jpeg_shards"
     classes, workers = 16, max(1, usable_cores() - 1)
+    tasks = jpeg_tasks(src, a.images, classes, (h, w))
+    for c in range(classes):
+        (src / f"class_{c}").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
-        made = sum(pool.map(_write_class, [(src, c, (h, w), a.images // classes) for c in range(classes)]))
+        made = sum(pool.map(_write_chunk, tasks))
     generated = time.perf_counter() - start
     build_shards(src, shards, BuildOptions(shard_samples=256, workers=workers), progress=False, log=lambda m: None)
     write_json(a.json, {"images": made, "size": f"{w}x{h}", "manifest": str(shards / "manifest.json"),
+                        "tasks": len(tasks), "workers": workers,
                         "generate_s": generated, "build_s": time.perf_counter() - start - generated,
                         "mean_kb": sum(f.stat().st_size for f in src.rglob("*.jpg")) / made / 1e3})
     shutil.rmtree(src)  # the shards hold the bytes

@@ -12,14 +12,27 @@ OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 PY=$(command -v python3 || command -v python)
 wheels=${BOOTMAE_DEVICE_WHEELS:-.whl}
+# A failed install still comes back as a file: a minimal device_report.json (Python, the error).
+install_failed() {
+  "$PY" - "$OUT/device_report.json" "$1" "$wheels" <<'PY'
+import json, platform, sys, time
+out, error, wheels = sys.argv[1:4]
+json.dump({"date": time.strftime("%Y-%m-%d"), "status": "install_failed", "python": platform.python_version(),
+           "executable": sys.executable, "wheels": wheels, "error": error[-4000:], "parts": {}},
+          open(out, "w"), indent=1)
+PY
+  echo "error: the wheels in $wheels did not install (see $OUT/device_report.json): ${1: -2000}" >&2
+  exit 2
+}
 if compgen -G "$wheels/*.whl" >/dev/null; then
   deps=${BOOTMAE_DEVICE_DEPS:-/tmp/bootmae_device_deps}
   rm -rf "$deps"
-  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$deps" "$wheels"/*.whl; then
-    version=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    echo "error: the wheels in $wheels do not install on this Python ($version); make a set for it with" \
-         "'bash bench/device/prepare.sh --python $version --out DIR' and point BOOTMAE_DEVICE_WHEELS at DIR" >&2
-    exit 2
+  # a set made for another Python is refused by its tags before pip sees it (wheels.py --check)
+  if ! err=$("$PY" bench/device/wheels.py --check "$wheels" 2>&1); then
+    install_failed "$err"
+  fi
+  if ! err=$("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$deps" "$wheels"/*.whl 2>&1); then
+    install_failed "pip install: $err"
   fi
   export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" PATH="$deps/bin:$PATH"
   # JIT-built ops (DeepSpeed's CPU op in a smoke run) of the carried packages apart from those of an

@@ -15,6 +15,10 @@ here (the versions the tests ran):
 
     python bench/device/wheels.py --list [--python 3.12]          # name==version per line
     python bench/device/wheels.py --python 3.12 --out .whl         # download / build the wheels
+    python bench/device/wheels.py --check .whl [--python 3.12]     # every wheel installs on that Python?
+
+A set made for another Python is refused by its tags (:func:`mismatched`, ``packaging.tags``):
+after the download here, and by ``run.sh`` on the device before it installs anything.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from pathlib import Path
 import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.tags import Tag, compatible_tags, cpython_tags
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ("torch", "torchvision", "timm", "numpy", "pytest")
@@ -42,6 +47,38 @@ EXTRA_ROOTS = ("pytest-timeout",)
 SOURCE_ONLY = {"deepspeed"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
+
+
+def supported_tags(python: str) -> set[Tag]:
+    """The wheel tags CPython ``python`` (X.Y) installs on Linux x86-64 (manylinux up to glibc 2.28,
+    what :data:`PLATFORMS` downloads for): its own ABI, abi3 of it and older, pure Python."""
+    version = tuple(int(x) for x in python.split("."))
+    platforms = [f"manylinux_2_{n}_x86_64" for n in range(28, 4, -1)] + [
+        "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    return set(cpython_tags(version, platforms=platforms)) | set(
+        compatible_tags(version, interpreter=f"cp{version[0]}{version[1]}", platforms=platforms))
+
+
+def mismatched(wheels: list[Path], python: str) -> list[str]:
+    """The wheels among ``wheels`` that CPython ``python`` cannot install, each with its tags."""
+    ok = supported_tags(python)
+    bad = []
+    for wheel in wheels:
+        try:
+            tags = parse_wheel_filename(wheel.name)[3]
+        except InvalidWheelFilename as err:
+            bad.append(f"{wheel.name} ({err})")
+            continue
+        if not tags & ok:
+            bad.append(f"{wheel.name} (tags {','.join(sorted(map(str, tags)))})")
+    return bad
+
+
+def check(folder: Path, python: str) -> None:
+    """Refuse a wheel set that is not for ``python``, naming the wheels and what to do."""
+    if bad := mismatched(sorted(folder.glob("*.whl")), python):
+        raise SystemExit(f"error: {len(bad)} wheel(s) in {folder} are not for Python {python}: {'; '.join(bad)}. "
+                         f"Make the set for it: bash bench/device/prepare.sh --python {python} --out DIR")
 
 
 def marker_env(python: str) -> dict[str, str]:
@@ -115,14 +152,22 @@ def fetch(wheels: dict[str, str], python: str, out: Path) -> None:
     names = sorted(canonicalize_name(re.split(r"-\d", w.name, maxsplit=1)[0]) for w in out.glob("*.whl"))
     if names != sorted(wheels):
         raise SystemExit(f"{out} holds wheels of {names}, expected {sorted(wheels)}")
+    check(out, python)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--python", default="3.12", help="the device's Python (X.Y)")
+    parser.add_argument("--python", default=None,
+                        help="the device's Python (X.Y; default 3.12, with --check this interpreter's)")
     parser.add_argument("--out", type=Path, default=ROOT / ".whl")
     parser.add_argument("--list", action="store_true", help="print the packages, fetch nothing")
+    parser.add_argument("--check", type=Path, default=None, metavar="DIR",
+                        help="only check that every wheel in DIR installs on the Python")
     a = parser.parse_args()
+    if a.check:
+        check(a.check, a.python or f"{sys.version_info.major}.{sys.version_info.minor}")
+        return 0
+    a.python = a.python or "3.12"
     wheels = carried(a.python)
     if a.list:
         print("\n".join(f"{n}=={v}" for n, v in wheels.items()))

@@ -138,8 +138,10 @@ class RunConfig(Section):
     activation_checkpointing: bool = Field(False, description="Recompute encoder blocks.")
     deterministic: bool = Field(
         False, description="Deterministic kernels on GPUs (torch.use_deterministic_algorithms, no cuDNN "
-        "autotuning): a resumed run then repeats an uninterrupted one bit for bit, a little slower. "
-        "CPU runs are deterministic anyway."
+        "autotuning, attention through the math SDPA backend instead of flash/cuDNN, whose backward "
+        "is not deterministic): a resumed run then repeats an uninterrupted one bit for bit on the "
+        "same GPUs and software, slower (attention most). An op with no deterministic kernel warns "
+        "once, naming itself, and runs. CPU runs are deterministic anyway."
     )
 
 

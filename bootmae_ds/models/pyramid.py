@@ -27,6 +27,8 @@ needs from them (see :func:`relative_position_bias`). ``fpn1``'s BatchNorm is ``
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +76,17 @@ def grid_index(grid: Grid, device: torch.device) -> torch.Tensor:
     """BEiT's relative position index ``[1+N, 1+N]`` of ``grid`` (cls token included), made once per
     grid and device and shared: every block of a forward reads (and autograd keeps) one copy, which
     matters at detection sizes (4,201 tokens: 141 MB of int64). The last two grids are kept."""
-    return gen_relative_position_index(grid, class_token=True, device=device)
+    return relative_position_index(grid, device)
+
+
+def relative_position_index(grid: Grid, device: torch.device | None = None,
+                            index_fn: Callable[..., torch.Tensor] = gen_relative_position_index) -> torch.Tensor:
+    """timm's index made on ``device``. timm releases before its ``device`` argument (a GPU
+    machine's preinstalled timm may be older than the one the tests ran) make it on the CPU: it is
+    moved once."""
+    if "device" in inspect.signature(index_fn).parameters:
+        return index_fn(grid, class_token=True, device=device)
+    return index_fn(grid, class_token=True).to(device)
 
 
 class RelPosAttention(nn.Module):

@@ -78,6 +78,19 @@ def set_deterministic(on: bool) -> None:
     # warn_only: an op without a deterministic kernel warns instead of stopping a long run
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    if torch.cuda.is_available():
+        deterministic_attention()
+
+
+def deterministic_attention() -> None:
+    """Attention through the math SDPA backend alone. The flash and cuDNN backends' backward
+    accumulates with atomics (run to run differences at ViT-B sizes), and the memory-efficient one
+    is deterministic only without ``warn_only``; math is matmuls and a softmax, deterministic
+    with cuBLAS's fixed workspace. It costs speed and memory (the attention matrix is stored)."""
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_math_sdp(True)
 
 
 def announce(name: str, info: DistInfo) -> None:

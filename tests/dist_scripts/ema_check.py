@@ -2,7 +2,8 @@
 
 Trains a tiny BootMAE for a few steps with ZeRO-2 and keeps, beside the sharded momentum
 encoder, an unsharded fp32 reference EMA of the full online encoder (gathered every step).
-Writes what it found to the JSON path given as argv[2].
+Writes what it found to the JSON path given as argv[2]; given a third path, then runs
+engine_facts.py's checks on the same ranks and writes their facts there.
 """
 
 import copy
@@ -21,7 +22,7 @@ from bootmae_ds.runtime.ds_config import build_ds_config
 from bootmae_ds.runtime.optim import build_optimizer, param_groups, set_hyperparameters
 from bootmae_ds.runtime.sharded_ema import ShardedEMA, consolidate_shards, zero2_layout
 
-precision, out_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+precision, out_path, *facts_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 info = init_distributed()
 cfg = load_config("demo", ["model.depth=2", "model.feature_decoder.context_block=1",
                            "data.micro_batch_size=4", "data.global_batch_size=8"])
@@ -93,5 +94,12 @@ dist.all_gather_object(results, result)
 if info.rank == 0:
     with open(out_path, "w") as f:
         json.dump(results, f)
+if facts_path:  # the GPU run's engine_facts.py on these CPU ranks, in this launch (a launch costs more)
+    from engine_facts import engine_facts
+
+    facts = engine_facts(info)
+    if info.rank == 0:
+        with open(facts_path[0], "w") as f:
+            json.dump(facts, f)
 dist.barrier()
 dist.destroy_process_group()
