@@ -184,3 +184,30 @@ def test_eval_only_scores_a_released_layout_on_any_number_of_ranks(tmp_path, cap
         [100 * sum(h for h, y in zip(hits, val.labels.tolist()) if y == k) / max(val.labels.tolist().count(k), 1)
          for k in range(classes)])
     assert "| class | images | top-1 % | top-5 % |" in (tmp_path / "two" / "eval_only.md").read_text()
+
+
+def test_run_best_and_mae_layouts_read_back_the_classifier(tmp_path) -> None:
+    """A RUN/best export (timm layout + config.json) and the same weights in MAE's fine-tuned file
+    layout (timm keys under ``model``) give back the classifier's logits."""
+    from bootmae_ds.config import load_config
+    from bootmae_ds.interop.encoders import EncoderExport
+    from bootmae_ds.interop.export import to_timm_state_dict, write_export
+    from bootmae_ds.models import build_model
+    from bootmae_ds.models.classifier import ViTClassifier
+
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    model = ViTClassifier(build_model(cfg).encoder, 7, head_init_scale=1.0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    write_export(EncoderExport(model.encoder, cfg, {"source": "run", "run_dir": "r", "tag": "t", "step": 1,
+                                                    "world_size": 1, "which": "online", "fingerprint": "f"},
+                               head=model.head, fc_norm=model.fc_norm), tmp_path / "best")
+    torch.save({"model": to_timm_state_dict(model.encoder, model.head, model.fc_norm)}, tmp_path / "mae_like.pth")
+    x = torch.randn(3, 3, 32, 32)
+    for path, layout, mean in ((tmp_path / "best", "timm", (0.5,) * 3), (tmp_path / "mae_like.pth", "mae", (0.485, 0.456, 0.406))):
+        file = read_classifier(path, heads=cfg.model.num_heads)
+        assert (file.layout, file.num_classes, file.mean) == (layout, 7, mean)
+        with torch.no_grad():
+            torch.testing.assert_close(file.model(x), model(x), rtol=1e-5, atol=1e-5)
