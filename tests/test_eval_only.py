@@ -105,7 +105,7 @@ def test_official_layout_reads_exactly_and_damage_is_named(tmp_path) -> None:
     torch.save({"model": sd, "model_ema": ema, "meta": meta}, path)  # NumPy values in meta load safely
     x = torch.randn(5, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     for which, state in ((False, sd), (True, ema)):
-        file = read_classifier(path, ema=which, heads=HEADS)
+        file = read_classifier(path, ema=which, heads={D: HEADS})
         assert (file.layout, file.img_size, file.num_classes, file.mean) == ("official", IMG, 10, (0.5,) * 3)
         with torch.no_grad():
             ours, ref = file.model(x), official_forward(state, x)
@@ -120,7 +120,7 @@ def test_official_layout_reads_exactly_and_damage_is_named(tmp_path) -> None:
         damage(bad)
         torch.save({"model": bad}, tmp_path / "bad.pth")
         with pytest.raises(ClassifierFileError, match=key) as err:
-            read_classifier(tmp_path / "bad.pth", heads=HEADS)
+            read_classifier(tmp_path / "bad.pth", heads={D: HEADS})
         assert "\n" not in str(err.value)
     torch.save({"model": sd, "meta": {"x": fractions.Fraction(1, 3)}}, tmp_path / "unsafe.pth")
     with pytest.raises(UnsafeFileError, match="fractions.Fraction"):
@@ -207,7 +207,7 @@ def test_run_best_and_mae_layouts_read_back_the_classifier(tmp_path) -> None:
     torch.save({"model": to_timm_state_dict(model.encoder, model.head, model.fc_norm)}, tmp_path / "mae_like.pth")
     x = torch.randn(3, 3, 32, 32)
     for path, layout, mean in ((tmp_path / "best", "timm", (0.5,) * 3), (tmp_path / "mae_like.pth", "mae", (0.485, 0.456, 0.406))):
-        file = read_classifier(path, heads=cfg.model.num_heads)
+        file = read_classifier(path, heads={cfg.model.embed_dim: cfg.model.num_heads})
         assert (file.layout, file.num_classes, file.mean) == (layout, 7, mean)
         with torch.no_grad():
             torch.testing.assert_close(file.model(x), model(x), rtol=1e-5, atol=1e-5)

@@ -27,12 +27,13 @@ class EvalOnlyError(InputError, ValueError):
     """A file and a config that do not go together; the message says which setting to change."""
 
 
-def _heads(cfg: Any) -> int | None:
-    """Attention heads of the config's pre-training architecture (when the file cannot say)."""
+def _heads(cfg: Any) -> dict[int, int]:
+    """{width: attention heads} of the config's pre-training architecture (when the file cannot say)."""
     try:
-        return load_config(cfg.init.config).model.num_heads
-    except Exception:  # noqa: BLE001 - no readable init.config: the file's width decides
-        return None
+        m = load_config(cfg.init.config).model
+    except Exception:  # noqa: BLE001 - no readable init.config: the standard ViT of the file's width
+        return {}
+    return {m.embed_dim: m.num_heads}
 
 
 def _check(cfg: Any, file: ClassifierFile, val_classes: int | None, weights: str) -> tuple[Any, Any]:

@@ -18,7 +18,8 @@ timm's ``attn.qkv.bias`` has a k part our attention has no place for: adding the
 to every logit of a query leaves the softmax unchanged, so it is dropped (``interop/mae.py``).
 Every other key is used and every shape checked; a mismatch is a one-line :class:`ClassifierFileError`
 naming the key. The architecture comes from the shapes (width, depth, patch, grid, MLP width,
-classes) and ``config.json``; the head count from ``config.json``, else ``heads`` (the config's).
+classes) and ``config.json``; the head count from ``config.json``, else the config's architecture
+when the widths agree, else the standard ViT of that width (Ti/S/B/L/H).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _shape(path: Path, state: Mapping[str, torch.Tensor], key: str, dims: int) -
 
 
 def _encoder(path: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-             heads: int | None) -> tuple[VisionTransformerEncoder, int]:
+             heads: Mapping[int, int]) -> tuple[VisionTransformerEncoder, int]:
     """The encoder the shapes describe (fresh weights) and the head's class count."""
     dim, chans, p, _ = _shape(path, state, "patch_embed.proj.weight", 4)
     tokens = _shape(path, state, "pos_embed", 3)[1] - 1
@@ -142,7 +143,7 @@ def _encoder(path: Path, state: Mapping[str, torch.Tensor], config: Mapping[str,
     hidden = _shape(path, state, "blocks.0.mlp.fc1.weight", 2)[0]
     classes = _shape(path, state, "head.weight", 2)[0]
     args = config.get("model_args", {})
-    n_heads = args.get("num_heads") or heads or VIT_HEADS.get(dim)
+    n_heads = args.get("num_heads") or heads.get(dim) or VIT_HEADS.get(dim)
     if not n_heads or dim % n_heads:
         raise ClassifierFileError(f"{path}: cannot tell the attention heads of a {dim}-wide ViT; set "
                                   f"init.config to a pre-training preset of this architecture")
@@ -183,13 +184,14 @@ def _normalisation(layout: str, config: Mapping[str, Any]) -> tuple[Any, Any]:
     return {"official": (BOOTMAE_MEAN, BOOTMAE_STD), "mae": (IMAGENET_MEAN, IMAGENET_STD)}.get(layout, (None, None))
 
 
-def read_classifier(path: str | Path, *, ema: bool = False, heads: int | None = None) -> ClassifierFile:
+def read_classifier(path: str | Path, *, ema: bool = False, heads: Mapping[int, int] | None = None) -> ClassifierFile:
     """Read ``path`` strictly into a fresh fp32 :class:`ViTClassifier` in eval mode (see the module
-    docstring); ``heads``: attention heads when the file cannot say (the config's architecture)."""
+    docstring); ``heads``: width -> attention heads of the config's architecture, used when the
+    file cannot say and its width is that one (else the standard ViT of its width)."""
     path = Path(path)
     state, config, wrapped = _read(path, ema)
     layout = _layout(path, state, wrapped)
-    encoder, classes = _encoder(path, state, config, heads)
+    encoder, classes = _encoder(path, state, config, heads or {})
     model = ViTClassifier(encoder, classes).eval()
     ours, expected = _ours(path, state), model.state_dict()
     missing = [k for k in expected if k not in ours]
