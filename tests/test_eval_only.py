@@ -183,7 +183,8 @@ def test_eval_only_scores_a_released_layout_on_any_number_of_ranks(tmp_path, cap
     assert [c["top1"] for c in r1["per_class"]] == pytest.approx(
         [100 * sum(h for h, y in zip(hits, val.labels.tolist()) if y == k) / max(val.labels.tolist().count(k), 1)
          for k in range(classes)])
-    assert "| class | images | top-1 % | top-5 % |" in (tmp_path / "two" / "eval_only.md").read_text()
+    assert [c["name"] for c in r2["per_class"]] == ["c0", "c1", "c2"]
+    assert "| class | name | images | top-1 % | top-5 % |" in (tmp_path / "two" / "eval_only.md").read_text()
 
 
 def test_run_best_and_mae_layouts_read_back_the_classifier(tmp_path) -> None:

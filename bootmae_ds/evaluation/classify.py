@@ -79,9 +79,10 @@ def score(model: torch.nn.Module, batches, normalise: Normalise, num_classes: in
 
 
 def _markdown(title: str, s: dict[str, Any], official: str) -> str:
-    rows = "".join(f"| {r['class']} | {r['images']} | {r['top1']:.2f} | {r['top5']:.2f} |\n" for r in s["per_class"])
+    rows = "".join(f"| {r['class']} | {r.get('name', '')} | {r['images']} | {r['top1']:.2f} | {r['top5']:.2f} |\n"
+                   for r in s["per_class"])
     return (f"# {title}\n\ntop-1 **{s['top1']:.2f}%**{official}, top-5 {s['top5']:.2f}%, loss {s['loss']:.4f} on "
-            f"{s['images']} images\n\n| class | images | top-1 % | top-5 % |\n|---|---|---|---|\n{rows}")
+            f"{s['images']} images\n\n| class | name | images | top-1 % | top-5 % |\n|---|---|---|---|---|\n{rows}")
 
 
 def evaluate_weights(cfg: Any, run_dir: Path, weights: str | Path, crop_pct: float, ema: bool = False) -> int:
@@ -100,6 +101,8 @@ def evaluate_weights(cfg: Any, run_dir: Path, weights: str | Path, crop_pct: flo
         batches = eval_batches(source, file.img_size, crop_pct, info.rank, info.world_size, d.eval_batch_size,
                                d.val_limit, min(d.num_workers, 4))
         s = score(model, batches, Normalise(mean, std, info.device, dtype), file.num_classes, info.device)
+        for row, name in zip(s["per_class"], classes or []):
+            row["name"] = name  # the set's class names (ImageFolder directories, a manifest's classes.json)
         if info.is_main:
             official = f" (published: {file.release[1]:.1f}%, {file.release[2]})" if file.release else ""
             title = f"{weights} ({file.layout}{', model_ema' if ema else ''}) on {cfg.data.val}"
