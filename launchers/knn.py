@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=256, help="images per rank per forward")
     p.add_argument("--num-workers", type=int, default=4, help="decoding workers per rank")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="resize to size/crop_pct, centre crop")
+    p.add_argument("--crop-pct", type=float, default=None, help="shorter side to size/crop_pct (bicubic), centre "
+                   "crop; default: the encoder config's logging.knn_crop_pct (0.875; the demo's 1.0)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="encoder precision; auto = bf16 on GPUs, fp32 on CPU")
     p.add_argument("--save-features", default=None, help="write the gathered features here (rank 0)")
@@ -64,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and on_gpu) else torch.float32
             encoder = encoder.to(info.device, dtype).eval()
             normalise = Normalise(cfg.data.mean, cfg.data.std, info.device, dtype)
+            crop_pct = args.crop_pct or cfg.logging.knn_crop_pct
             sets = {}
             for name, spec, limit in (("bank", args.bank, args.bank_limit), ("queries", args.queries, args.query_limit)):
                 sets[name] = extract_set_features(pooled_tokens(encoder), open_eval_source(spec, cfg), normalise,
-                                              cfg.model.img_size, args.crop_pct, args.batch_size, limit, args.num_workers)
+                                              cfg.model.img_size, crop_pct, args.batch_size, limit, args.num_workers)
             if info.is_main:
                 bank, queries = sets["bank"], sets["queries"]
                 scores = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=args.k,

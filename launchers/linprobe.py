@@ -13,6 +13,8 @@ Presets: bootmae_ds/presets/linprobe/ (vit_base, vit_large = the official script
 step re-augments its images through the frozen encoder; top-1/top-5 on data.val every
 eval.every_epochs epochs; the best probe is kept in OUTPUT/best/ (timm layout). Exit status 75
 means "preempted after saving a checkpoint": run the same command again.
+``--eval-only --weights RUN/best`` scores a probe (or any classifier launchers/finetune.py reads)
+on data.val in the evaluation view of data.eval_crop_pct, into OUTPUT/eval_only.{json,md}.
 ``--cached-features`` (= ``--set mode=cached_features``) is the small-data yardstick instead:
 features of centre crops extracted once, the same head and recipe trained on them, no checkpoints.
 """
@@ -22,25 +24,33 @@ from __future__ import annotations
 import sys
 
 from bootmae_ds.config import load_linprobe_config
-from bootmae_ds.runtime.launch import parse_args, training_main
+from bootmae_ds.runtime.launch import eval_only_error, eval_only_flags, parse_args, training_main
 
 CACHED = "--cached-features"
-
-
-def _trainer():
-    from bootmae_ds.linprobe.trainer import linprobe
-
-    return linprobe
+WEIGHTS = "a probe's RUN/best (or any mean-pooled ViT classifier file, as launchers/finetune.py --eval-only reads)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cached = CACHED in argv
     args = parse_args(f"linear probing of a BootMAE encoder ({CACHED}: on features extracted once)", "vit_base",
-                      [a for a in argv if a != CACHED], doc="docs/evaluation.md#linear-probing")
+                      [a for a in argv if a != CACHED], extra=eval_only_flags(WEIGHTS),
+                      doc="docs/evaluation.md#linear-probing")
+    if (status := eval_only_error(args)) is not None:
+        return status
     if cached:
         args.set = [*args.set, "mode=cached_features"]
-    return training_main(args, load_linprobe_config, _trainer)
+
+    def job():
+        if args.eval_only:
+            from bootmae_ds.evaluation.classify import evaluate_weights
+
+            return lambda cfg, out, _steps, _resume: evaluate_weights(cfg, out, args.weights, cfg.data.eval_crop_pct)
+        from bootmae_ds.linprobe.trainer import linprobe
+
+        return linprobe
+
+    return training_main(args, load_linprobe_config, job)
 
 
 if __name__ == "__main__":

@@ -15,25 +15,17 @@ end; the best segmentor is kept in OUTPUT/best/model.pth (mmseg layout). Exit st
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from bootmae_ds.config.segment import load_segment_config
-from bootmae_ds.runtime.launch import parse_args, training_main
+from bootmae_ds.runtime.launch import eval_only_error, eval_only_flags, parse_args, training_main
 
-
-def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-only", action="store_true", help="score --weights on data.val; no training")
-    parser.add_argument("--weights", default=None, help="a segmentation checkpoint: a released mmseg .pth "
-                        "(BootMAE_Base_800_UperNet.pth) or RUN/best/model.pth")
+WEIGHTS = "a segmentation checkpoint: a released mmseg .pth (BootMAE_Base_800_UperNet.pth) or RUN/best/model.pth"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("semantic segmentation on a BootMAE encoder", "ade20k_base", argv, extra=_flags,
+    args = parse_args("semantic segmentation on a BootMAE encoder", "ade20k_base", argv, extra=eval_only_flags(WEIGHTS),
                       doc="docs/segmentation.md")
-    if args.eval_only != (args.weights is not None):
-        print("error: --eval-only and --weights go together (score a file without training)", file=sys.stderr)
-        return 2
+    if (status := eval_only_error(args)) is not None:
+        return status
 
     def job():
         if args.eval_only:

@@ -110,7 +110,7 @@ def test_device_augment_targets_and_bad_labels():
 
 def test_eval_share_gives_every_image_to_exactly_one_rank_and_worker():
     source = TarSource.from_manifest(ensure_demo_shards() / "test" / "manifest.json")
-    full = load_images(source, 32)
+    full = load_images(source, 32, crop_pct=0.875)
     seen = []
     for rank in range(3):
         share = _EvalShare(source, 32, 0.875, rank, 3, batch_size=16, limit=None)
@@ -181,7 +181,7 @@ def test_finetune_evaluates_each_epoch_and_exports_the_best_to_timm(full_run, pr
     config = json.loads((out / "best" / "config.json").read_text())
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
     model.load_state_dict(load_file(out / "best" / "model.safetensors"), strict=True)
-    val = load_images(TarSource.from_manifest(ensure_demo_shards() / "test" / "manifest.json"), 32, 120)
+    val = load_images(TarSource.from_manifest(ensure_demo_shards() / "test" / "manifest.json"), 32, 120, 1.0)
     with torch.no_grad():
         logits = model(val.images.float() / 127.5 - 1)
     top1 = 100 * (logits.argmax(1) == val.labels).float().mean().item()

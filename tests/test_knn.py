@@ -66,8 +66,11 @@ def test_features_are_mean_pooled_normalised_tokens() -> None:
 
 
 def test_eval_transform_keeps_exact_sizes_and_centre_crops_others() -> None:
+    # crop_pct 1.0 (the demo presets') keeps an image of the crop size whole; the official 0.875
+    # resizes every image (32 -> 36, then the centre 32), as build_transform(is_train=False) does
     img = torch.arange(3 * 32 * 32, dtype=torch.float32).view(3, 32, 32).to(torch.uint8)
-    assert torch.equal(eval_transform(img, 32), img)
+    assert torch.equal(eval_transform(img, 32, 1.0), img)
+    assert not torch.equal(eval_transform(img, 32), img)
     wide = torch.zeros(3, 300, 400, dtype=torch.uint8)
     assert eval_transform(wide, 224).shape == (3, 224, 224)
 
@@ -114,7 +117,7 @@ def test_distributed_knn_equals_one_process(tmp_path) -> None:
     cfg = tiny_config()
     torch.manual_seed(cfg.run.seed)
     encoder = build_model(cfg).encoder
-    bank = load_images(TarSource.from_manifest(ensure_demo_shards() / "train" / "manifest.json"), 32)
+    bank = load_images(TarSource.from_manifest(ensure_demo_shards() / "train" / "manifest.json"), 32, crop_pct=1.0)
     assert torch.equal(f2["bank_labels"], bank.labels)
     expected = extract_features(encoder, bank.images, cfg.data.mean, cfg.data.std)
     torch.testing.assert_close(f2["bank"], expected, rtol=1e-5, atol=1e-5)

@@ -237,7 +237,7 @@ def test_probe_run_evaluates_every_image_once_and_exports_the_best_to_timm(full_
     config = json.loads((out / "best" / "config.json").read_text())
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
     model.load_state_dict(load_file(out / "best" / "model.safetensors"), strict=True)
-    val = load_images(TarSource.from_manifest(ensure_demo_shards() / "test" / "manifest.json"), 32, 150)
+    val = load_images(TarSource.from_manifest(ensure_demo_shards() / "test" / "manifest.json"), 32, 150, 1.0)
     with torch.no_grad():
         logits = model(val.images.float() / 127.5 - 1)
     top1 = 100 * (logits.argmax(1) == val.labels).float().mean().item()

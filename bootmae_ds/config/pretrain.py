@@ -383,6 +383,8 @@ class PretrainLoggingConfig(LoggingConfig):
     knn_queries: str = Field("demo-test", description="Labelled images the k-NN monitor classifies.")
     knn_bank_limit: int | None = Field(10000, ge=1, description="First N bank images; null = all.")
     knn_query_limit: int | None = Field(5000, ge=1, description="First N query images; null = all.")
+    knn_crop_pct: float = Field(0.875, gt=0, le=1, description="k-NN images: shorter side to img_size/crop_pct "
+                                "(bicubic), centre crop; 1.0 keeps images of img_size whole.")
 
 
 class PretrainInitConfig(Section):

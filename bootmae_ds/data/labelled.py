@@ -4,8 +4,9 @@ transform run per sample in the loader workers, and the held-out images, centre-
 The training transform is timm's ``create_transform(..., use_prefetcher=True)``
 (RandomResizedCrop, flip, RandAugment; uint8 out), run under random generators seeded from
 (seed, epoch, sample key), so a resumed run re-draws exactly the augmentations of an
-uninterrupted one. Held-out images are resized (shorter side to ``size / crop_pct``, bicubic)
-and centre-cropped; ``eval_batches`` gives every image to exactly one rank.
+uninterrupted one. Held-out images get the official evaluation view (Pillow bicubic resize of the
+shorter side to ``int(size / crop_pct)``, centre crop); ``eval_batches`` gives every image to
+exactly one rank.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from bootmae_ds.config import BootMAEConfig, InputError
 from bootmae_ds.config.finetune import AugmentConfig
@@ -137,22 +136,35 @@ def open_eval_source(spec: str, cfg: BootMAEConfig) -> Source:
 
 
 def eval_transform(image: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Resize the shorter side to ``size / crop_pct`` (bicubic) unless it already is ``size``,
-    then centre-crop ``size x size``."""
-    short = min(image.shape[-2:])
-    if short != size:
-        image = TF.resize(image, [round(size / crop_pct)], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(image, [size, size])
+    """The official evaluation view (BEiT/BootMAE ``build_transform(is_train=False)``, MAE's and
+    timm's alike) on a uint8 ``[3, H, W]`` image, bit for bit: Pillow's bicubic resize of the
+    shorter side to ``int(size / crop_pct)`` (truncated; the longer side to
+    ``int(short * long / shorter)``, as torchvision's ``Resize(int)``), on every image, then the
+    centre ``size x size`` crop (offsets ``round((H - size) / 2)``, torchvision's ``CenterCrop``).
+    A preset that keeps small images whole (the demo's 32 px digits) says ``crop_pct: 1.0``:
+    Pillow leaves an image already at the target size untouched."""
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    w, h = pil.size
+    short = int(size / crop_pct)
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if new != (w, h):
+        pil = pil.resize(new, Image.Resampling.BICUBIC)
+    top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+    if top < 0 or left < 0:
+        raise ValueError(f"crop_pct={crop_pct}: the resized image {new} is smaller than the {size} px crop")
+    out = np.asarray(pil)[top:top + size, left:left + size]
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
 
 
-def load_images(source: Source, size: int, limit: int | None = None) -> LabelledImages:
-    """The first ``limit`` readable samples of ``source`` in shard order (deterministic)."""
+def load_images(source: Source, size: int, limit: int | None = None, crop_pct: float = 0.875) -> LabelledImages:
+    """The first ``limit`` readable samples of ``source`` in shard order (deterministic), in the
+    evaluation view (:func:`eval_transform`)."""
     images, labels = [], []
     for shard in range(len(source.shards)):
         for _, sample in source.read(shard, 0, source.shards[shard].count, lambda _: True):
             if sample.error is not None or sample.data is None:
                 continue
-            images.append(eval_transform(decode_rgb(sample.data), size))
+            images.append(eval_transform(decode_rgb(sample.data), size, crop_pct))
             labels.append(sample.label)
             if limit is not None and len(images) >= limit:
                 return LabelledImages(torch.stack(images), torch.tensor(labels))

@@ -87,6 +87,7 @@ class TarSource(Source):
 
     def __init__(self, shards: list[ShardSpec], description: str, origin: str) -> None:
         self.shards, self.description, self.origin = shards, description, origin
+        self.classes: list[str] = []  # unknown
 
     @classmethod
     def from_manifest(cls, path: str | Path, url_template: str | None = None) -> TarSource:
@@ -97,7 +98,9 @@ class TarSource(Source):
                       s.count, s.bytes)
             for s in manifest.shards
         ]
-        return cls(shards, f"manifest {manifest.path}", f"listed in {manifest.path}")
+        source = cls(shards, f"manifest {manifest.path}", f"listed in {manifest.path}")
+        source.classes = list(manifest.classes)  # the class names when the shards were built with them
+        return source
 
     @classmethod
     def from_urls(cls, spec: str, num_samples: int | None) -> TarSource:

@@ -79,8 +79,9 @@ class KnnMonitor:
     def __init__(self, cfg: BootMAEConfig, bank: str, queries: str, bank_limit: int | None,
                  query_limit: int | None, k: int = 20, temperature: float = 0.07) -> None:
         size = cfg.model.img_size
-        self.bank = load_images(open_eval_source(bank, cfg), size, bank_limit)
-        self.queries = load_images(open_eval_source(queries, cfg), size, query_limit)
+        crop = cfg.logging.knn_crop_pct  # type: ignore[attr-defined]
+        self.bank = load_images(open_eval_source(bank, cfg), size, bank_limit, crop)
+        self.queries = load_images(open_eval_source(queries, cfg), size, query_limit, crop)
         self.mean, self.std, self.k, self.temperature = cfg.data.mean, cfg.data.std, k, temperature
 
     def __call__(self, encoder: torch.nn.Module) -> dict[str, float]:

@@ -306,7 +306,13 @@ def drop_relative_position_index(state: dict[str, torch.Tensor], backbone: ViTPy
             continue
         block = key[len(prefix):].split(".")[1]
         ours = backbone.blocks[int(block)].attn.relative_position_index
-        if tuple(value.shape) != tuple(ours.shape) or not torch.equal(value.to(ours), ours):
-            raise ValueError(f"{key}: shape {tuple(value.shape)} is not the relative position index of the "
-                             f"{backbone.grid_size[0]}x{backbone.grid_size[1]} patch grid the model is built for")
+        grid = f"{backbone.grid_size[0]}x{backbone.grid_size[1]} patch grid the model is built for"
+        if tuple(value.shape) != tuple(ours.shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} is not the relative position index of the {grid}")
+        differ = (value.to(ours) != ours).nonzero()
+        if len(differ):
+            i, j = (int(v) for v in differ[0])
+            raise ValueError(f"{key}: {len(differ)} of {ours.numel()} values differ from the relative position "
+                             f"index of the {grid} (first at [{i}, {j}]: {int(value[i, j])} in the file, "
+                             f"{int(ours[i, j])} here); the file was written for another token layout")
     return out

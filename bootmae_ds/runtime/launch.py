@@ -31,6 +31,30 @@ def parse_args(description: str, default_config: str, argv: list[str] | None = N
     return parser.parse_args(argv)
 
 
+def eval_only_flags(weights_help: str, ema: bool = False) -> Callable[[argparse.ArgumentParser], None]:
+    """``--eval-only --weights FILE`` (and ``--ema``: a released file's ``model_ema``), for ``parse_args(extra=)``."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--eval-only", action="store_true", help="score --weights on data.val; no training")
+        parser.add_argument("--weights", default=None, help=weights_help)
+        if ema:
+            parser.add_argument("--ema", action="store_true", help="score the file's model_ema, not its model")
+
+    return add
+
+
+def eval_only_error(args: argparse.Namespace) -> int | None:
+    """Status 2 (after a one-line error) when ``--eval-only`` and ``--weights`` do not come together."""
+    if args.eval_only != (args.weights is not None):
+        what = "--eval-only and --weights go together (score a file without training)"
+    elif getattr(args, "ema", False) and not args.eval_only:
+        what = "--ema picks the model_ema of an --eval-only --weights file; add those or drop --ema"
+    else:
+        return None
+    print(f"error: {what}", file=sys.stderr)
+    return 2
+
+
 def training_main(args: argparse.Namespace, load: Callable[[str, list[str]], Any],
                   train: Callable[[], Callable[..., int]]) -> int:
     """Load and print the config, then ``train()(cfg, output_dir, max_steps, resume)``.

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..config.segment import SegmentConfig
@@ -73,11 +73,33 @@ def setr_scale(height: int, width: int, short: float, crop: int) -> tuple[int, i
     return rescale_size(height, width, target)
 
 
+def _cv2_resize(array: torch.Tensor, size: tuple[int, int], interpolation: int) -> torch.Tensor:
+    """OpenCV's resize of an ``[H, W]`` or ``[H, W, C]`` tensor to ``size`` = (h, w), as mmcv's
+    ``imresize`` calls it (cv2 takes (w, h))."""
+    import cv2
+
+    out = cv2.resize(array.contiguous().numpy(), (size[1], size[0]), interpolation=interpolation)
+    return torch.from_numpy(out.reshape(size[0], size[1], *array.shape[2:]))
+
+
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear without antialiasing (OpenCV's INTER_LINEAR, which mmcv uses), uint8 in and out."""
+    """``[3, H, W]`` uint8 -> ``[3, *size]`` through OpenCV's ``INTER_LINEAR`` itself (mmcv's
+    ``imresize``, which the official pipeline runs: fixed-point weights, not a float bilinear)."""
+    import cv2
+
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
+    return _cv2_resize(image.permute(1, 2, 0), size, cv2.INTER_LINEAR).permute(2, 0, 1).contiguous()
+
+
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A label map ``[H, W]`` -> ``size`` through OpenCV's ``INTER_NEAREST`` (mmcv's ``imrescale``
+    with ``interpolation="nearest"``, as mmseg's Resize treats ``gt_semantic_seg``)."""
+    import cv2
+
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    return _cv2_resize(label, size, cv2.INTER_NEAREST)
 
 
 def decode_pair(data: tuple[bytes, bytes]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,11 +136,10 @@ class SegTrainTransform:
         image, label = decode_pair(data)
         label = prepare_labels(label, self.label_map, self.reduce_zero_label, self.ignore_index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, key) % 2**63)
-        pair = (tv_tensors.Image(image), tv_tensors.Mask(label))
         ratio = self.ratio_range[0] + (self.ratio_range[1] - self.ratio_range[0]) * torch.rand((), generator=g).item()
         scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
         size = rescale_size(*image.shape[-2:], scale)
-        pair = v2.Resize(list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)(pair)
+        pair = (tv_tensors.Image(resize_image(image, size)), tv_tensors.Mask(resize_label(label, size)))
         top, left, h, w = self._crop_box(pair[1], g)
         pair = tuple(TF.crop(t, top, left, h, w) for t in pair)
         if torch.rand((), generator=g).item() < self.hflip:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import BootMAEConfig, InputError
 from ..config.segment import SegmentConfig
+from ..interop.safe_load import UnsafeFileError, safe_torch_load
 from ..interop.transfer import load_transfer_encoder
 from ..models.pyramid import ViTPyramid, drop_relative_position_index
 from .heads import FCNHead, UPerHead, resize
@@ -153,9 +154,9 @@ def load_weights(model: Segmentor, path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"{path}: no such file; pass a released mmseg checkpoint or RUN/best/model.pth")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
-        raise WeightsError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+        blob = safe_torch_load(path, "segmentation checkpoint")  # mmseg's meta may hold NumPy values
+    except UnsafeFileError as err:
+        raise WeightsError(str(err)) from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: no state_dict of tensors (an mmseg checkpoint holds 'state_dict')")
