@@ -94,7 +94,7 @@ class JobTrainer:
     update_time_key: str | None = None  # the row field of step_update's device time
     evaluation_every: int | None = None  # steps between evaluations (None: the job does not evaluate)
     best: str | None = None  # the run-state field (and row field) keeping the best evaluation score
-    best_is_max: bool = True  # the direction of ``best``
+    best_is_max: bool = True  # False: lower is better (the state field's default must lose: inf)
 
     def start(self, cfg: Any, run_dir: Path) -> None:
         """Determinism, the distributed set-up and the start-up line, before anything else."""
