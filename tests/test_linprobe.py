@@ -66,6 +66,10 @@ def test_lars_matches_a_hand_written_update(zero_weight) -> None:
         pw.grad, pb.grad = gw.clone(), gb.clone()
         opt.step()
         assert not opt.last_step_skipped
+        # the gradients' global norm, left on the device for DeepSpeed's get_global_grad_norm()
+        norm = opt._global_grad_norm
+        assert torch.is_tensor(norm) and norm.item() == pytest.approx(_norm(gw.flatten().tolist() + gb.tolist()),
+                                                                     rel=1e-12)
     hw, hb = _hand_lars(w.flatten().tolist(), b.tolist(), [(gw.flatten().tolist(), gb.tolist()) for gw, gb in grads],
                         lr=0.5, wd=0.1, momentum=0.9, eta=0.01)
     torch.testing.assert_close(pw.detach().flatten(), torch.tensor(hw, dtype=torch.float64), rtol=1e-12, atol=1e-12)
@@ -230,6 +234,9 @@ def test_probe_run_evaluates_every_image_once_and_exports_the_best_to_timm(full_
     evals = [r for r in rows if "eval_top1" in r]
     assert [r["step"] for r in evals] == [3, 6, 9, 12] and all(r["eval_images"] == 150 for r in evals)
     assert [r["lr"] for r in rows[:4]] == [probe_lr(s, 3, 8 * 32 / 256, 0.0, 1, 4) for s in range(4)]
+    # the head's real gradient norm (LARS computes it; DeepSpeed computes none without clipping)
+    norms = [r["grad_norm"] for r in rows]
+    assert all(0 < n < float("inf") for n in norms) and len(set(norms)) == len(norms), norms
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert best["top1"] == max(r["eval_top1"] for r in evals) and best["depth"] == 4
     # the exported probe, run by timm on the same 150 images on one process, scores what the two

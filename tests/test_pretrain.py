@@ -208,3 +208,23 @@ def test_compiled_and_eager_steps_agree(tmp_path) -> None:
     assert keys["true"] == keys["false"]  # compiling in place keeps checkpoints interchangeable
     for eager, compiled in zip(losses["false"], losses["true"]):
         assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+# Fields that measure time or memory, not the computation.
+TIMING = {"samples_per_s", "samples_per_s_per_device", "step_time_s", "data_wait_s", "memory_gb", "ema_update_s", "mfu"}
+
+
+def test_demo_run_rows_match_the_rows_recorded_before_the_loop_moved(demo_pretrain_run) -> None:
+    # The session's demo run (2 ranks, 3 steps) against its rows recorded from f851c58, whose loop
+    # was the pre-training trainer's own (issue 27 moved it into runtime.trainer.JobTrainer); every
+    # field but the timing ones, in the same order. bench/same_rows.py checks all five jobs.
+    # A change meant to alter these numbers re-records tests/data/demo_pretrain_rows.json.
+    recorded = json.loads((ROOT / "tests" / "data" / "demo_pretrain_rows.json").read_text())
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in _metrics(demo_pretrain_run)]
+    assert [list(r) for r in rows] == [list(r) for r in recorded]
+    for row, old in zip(rows, recorded):
+        for key, value in old.items():
+            if isinstance(value, float):  # bitwise on one machine; another CPU may round differently
+                assert row[key] == pytest.approx(value, rel=1e-5, nan_ok=True), (row["step"], key)
+            else:
+                assert row[key] == value, (row["step"], key)

@@ -1,4 +1,5 @@
-"""The detection loop: build, resume, loop, evaluate, log, checkpoint, keep the best.
+"""Detection: the build and the pieces of a step, evaluation and ``RUN/best``; the loop (resume, log,
+checkpoint, keeping the best) is ``runtime.trainer.JobTrainer``'s.
 
 Same engine, checkpoints, signals and logs as the other jobs (``bootmae_ds.runtime``): ZeRO-2 over
 a client AdamW whose groups carry the backbone's layer-wise lr scales; the engine holds fp32
@@ -26,17 +27,9 @@ from ..runtime.dist import broadcast_buffers
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger
 from ..runtime.optim import adamw, backbone_layer_decay_groups, set_hyperparameters
-from ..runtime.recovery import DataFaults
-from ..runtime.run import (
-    RunState,
-    checkpoint_dir,
-    resume_fingerprint,
-    run_and_close,
-    save_run_files,
-    start_engine,
-)
+from ..runtime.run import RunState, resume_fingerprint, run_and_close
 from ..runtime.schedules import step_decay_lr
-from ..runtime.trainer import JobTrainer
+from ..runtime.trainer import Candidate, JobTrainer
 from .best import write_best
 from .model import BACKBONE, build_detector
 
@@ -49,9 +42,6 @@ class DetectState(RunState):
 
     best_box_ap: float = -1.0
     best_step: int = -1
-
-    # RUN/best may already hold a later, better detector than the checkpoint a rewind goes back to
-    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_box_ap", "best_step")
 
 
 def data_root(cfg: DetectConfig) -> Path:
@@ -78,6 +68,8 @@ def open_splits(cfg: DetectConfig) -> tuple[CocoSplit, CocoSplit, int]:
 class DetectTrainer(JobTrainer):
     """Holds the engine, the loaders, the evaluation split and the run state."""
 
+    best = "best_box_ap"
+
     def __init__(self, cfg: DetectConfig, run_dir: Path, max_steps: int | None, resume: str,
                  splits: tuple[CocoSplit, CocoSplit, int]) -> None:
         self.start(cfg, run_dir)
@@ -90,21 +82,18 @@ class DetectTrainer(JobTrainer):
         cfg.data.mean, cfg.data.std = cfg.data.mean or pre.data.mean, cfg.data.std or pre.data.std
         cfg.model.num_classes = num_classes
         # The engine keeps fp32 weights and reduces fp32 gradients; the backbone autocasts to bf16.
-        self.ds_config = build_ds_config(cfg, self.info.world_size, "fp32")
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
-        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
+        self.save_run(build_ds_config(cfg, self.info.world_size, "fp32"), {"init.json": self.provenance})
         self.export_model = copy.deepcopy(model) if self.info.is_main else None  # for RUN/best
         groups = backbone_layer_decay_groups(model, pre.model.depth, cfg.optim.layer_decay, BACKBONE)
         optimizer = adamw(groups, cfg.optim, self.device.type)
         self.seed_process_rngs()  # drop path, proposal sampling: per rank
-        self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
-                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        resumed = self.build_engine(model, optimizer, resume)
         resized = self.resume_state(resumed, DetectState)
         self.loader = self.train_loader(self._build_loader, resized)
         self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         total = cfg.schedule.epochs * self.steps_per_epoch
         self.total_steps = min(total, max_steps or total)
+        self.evaluation_every = self.steps_per_epoch * cfg.eval.every_epochs
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.watch(device_keys=())  # lists of tensors: moved in the step
 
@@ -118,53 +107,18 @@ class DetectTrainer(JobTrainer):
         data = {k: d[k] for k in ("root", "val", "min_size", "max_size", "size_divisible", "hflip", "group_by_aspect")}
         return resume_fingerprint(self.cfg, ("init", "model", "optim", "schedule")) | {"detect_data": data}
 
-    def lr(self, step: int) -> float:
+    # -- one step ---------------------------------------------------------------------------
+    def hyperparameters(self, step: int) -> dict[str, float]:
         s = self.cfg.schedule
-        return step_decay_lr(step, self.cfg.optim.lr, self.steps_per_epoch, s.decay_epochs, s.decay_factor,
-                             s.warmup_steps, s.warmup_ratio)
+        lr = step_decay_lr(step, self.cfg.optim.lr, self.steps_per_epoch, s.decay_epochs, s.decay_factor,
+                           s.warmup_steps, s.warmup_ratio)
+        set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
+        return {"lr": lr}
 
-    # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        sums: dict[str, torch.Tensor] = {}
-        micro, faults = 0, DataFaults()
-        self.step_clock.restart()
-        while self.state.step < self.total_steps:
-            for batch in self.batches:
-                self.last_batch = batch
-                step = self.state.step
-                lr = self.lr(step)
-                set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
-                images, targets = self._to_device(batch)
-                losses = self.engine(images, targets)
-                loss = sum(losses[k] for k in LOSSES)
-                self.engine.backward(loss)
-                # summed on the device: a read per micro-batch would stall it every time
-                for key, value in (("loss", loss), *((k, losses[k]) for k in LOSSES)):
-                    sums[key] = value.detach() + sums[key] if key in sums else value.detach()
-                micro += 1
-                faults.add(batch)
-                self.batches.prefetch()
-                before = self.engine.global_steps
-                self.engine.step()
-                if self.engine.global_steps == before:
-                    continue
-                self.count_step(batch, self.engine.was_step_applied())
-                wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                means = {k: v / micro for k, v in sums.items()}
-                row = self.step_row(means, faults, step // self.steps_per_epoch, lr, wait)
-                evaluated = self._maybe_evaluate(row)
-                self.metrics.log(self.state.step, row)
-                sums, micro, faults = {}, 0, DataFaults()
-                self.step_clock.restart()
-                status = self._after_step(evaluated)
-                if status is not None:
-                    return status
-                if self.state.step >= self.total_steps:
-                    break
-        self._save()
-        self.metrics.close()
-        return 0
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The summed loss (trained on) and torchvision's five parts."""
+        losses = self.engine(*self._to_device(batch))
+        return {"loss": sum(losses[k] for k in LOSSES), **{k: losses[k] for k in LOSSES}}
 
     def _to_device(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """Images as float in [0, 1] and targets on the device (NaN images for the drill)."""
@@ -174,13 +128,10 @@ class DetectTrainer(JobTrainer):
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
         return images, targets
 
-    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
-        """At the end of every ``eval.every_epochs``-th epoch and of the run: COCOeval, keep the best."""
-        step, per_epoch = self.state.step, self.steps_per_epoch
-        epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.eval.every_epochs == 0
-        if not (epoch_end or step == self.total_steps):
-            return False
-        d = self.cfg.data
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, row: dict[str, Any]) -> Candidate:
+        """COCOeval of every validation image; the tables in ``RUN/eval/``."""
+        step, per_epoch, d = self.state.step, self.steps_per_epoch, self.cfg.data
         broadcast_buffers(self.engine.module)  # rank 0's BatchNorm statistics: one model on every rank
         scores = evaluate_detector(self.engine.module, self.val_split, self.info.rank, self.info.world_size,
                                    d.eval_batch_size, min(d.num_workers, 4), self.device,
@@ -197,18 +148,19 @@ class DetectTrainer(JobTrainer):
                   f"{metrics['mask_ap'] or 0.0:.2f}  on {scores['images']} images "
                   f"({scores['detections']} detections); COCOeval tables in {out.name}/step_{step:08d}.txt",
                   flush=True)
-        if box_ap > self.state.best_box_ap:
-            self.state.best_box_ap, self.state.best_step = box_ap, step
-            if self.info.is_main:
-                provenance = {"source": "detect", "run_dir": str(self.run_dir.resolve()), "step": step,
-                              "epoch": -(-step // per_epoch), **{f"eval_{k}": v for k, v in metrics.items()},
-                              "images": scores["images"],
-                              "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init"}
-                write_best(self.run_dir / "best", self.export_model, self.engine.module.state_dict(), self.cfg,
-                           self.pre, self.val_split, provenance, scores["results"])
-        row["best_box_ap"] = self.state.best_box_ap
-        return True
+        return Candidate(box_ap, {"best_step": step}, lambda: self._write_best(scores))
 
+    def _write_best(self, scores: dict[str, Any]) -> None:
+        """The detector in ``RUN/best`` (rank 0; the weights are whole on every rank under ZeRO-2)."""
+        if not self.info.is_main:
+            return
+        step, metrics = self.state.step, scores["metrics"]
+        provenance = {"source": "detect", "run_dir": str(self.run_dir.resolve()), "step": step,
+                      "epoch": -(-step // self.steps_per_epoch), **{f"eval_{k}": v for k, v in metrics.items()},
+                      "images": scores["images"],
+                      "init": self.provenance.get("run_dir") or self.provenance.get("file") or "random init"}
+        write_best(self.run_dir / "best", self.export_model, self.engine.module.state_dict(), self.cfg,
+                   self.pre, self.val_split, provenance, scores["results"])
 
 
 def detect(cfg: DetectConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:

@@ -12,7 +12,10 @@ Then SGD with momentum, without dampening or Nesterov::
 
 One addition, for long unattended runs: a step whose gradients hold a non-finite value changes
 nothing (weights and momentum stay) and sets ``last_step_skipped``; trainers count those like
-DeepSpeed's skipped steps and stop (or rewind) after too many in a row.
+DeepSpeed's skipped steps and stop (or rewind) after too many in a row. Each step also leaves the
+gradients' global L2 norm (before weight decay and scaling) in ``_global_grad_norm``, a device
+tensor: DeepSpeed's engine hands it on as ``get_global_grad_norm()`` (it computes none itself
+without clipping), and the step's metrics row carries it in its one collective.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class LARS(torch.optim.Optimizer):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "trust_coefficient": trust_coefficient}
         super().__init__(params, defaults)
         self.last_step_skipped = False
+        self._global_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -38,6 +42,9 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:  # on the device: nothing is read here
+            self._global_grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         # one device sync for the whole check; the head has two tensors
         self.last_step_skipped = bool(grads) and not bool(
             torch.stack([torch.isfinite(g).all() for g in grads]).all())

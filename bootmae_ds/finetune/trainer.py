@@ -1,4 +1,5 @@
-"""The fine-tuning loop: build, resume, loop, evaluate, log, checkpoint, keep the best.
+"""Fine-tuning: the build and the pieces of a step, evaluation and ``RUN/best``; the loop (resume,
+log, checkpoint, keeping the best) is ``runtime.trainer.JobTrainer``'s.
 
 Same engine, checkpoints, signals and logs as pre-training (``bootmae_ds.runtime``): ZeRO-2 with
 a client AdamW whose groups carry layer-wise lr scales, an optional model EMA kept as sharded
@@ -28,19 +29,10 @@ from ..models.classifier import ViTClassifier
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import adamw, layer_decay_groups, set_hyperparameters
-from ..runtime.recovery import DataFaults
-from ..runtime.run import (
-    DTYPES,
-    RunState,
-    checkpoint_dir,
-    resume_fingerprint,
-    run_and_close,
-    save_run_files,
-    start_engine,
-)
+from ..runtime.run import DTYPES, RunState, resume_fingerprint, run_and_close
 from ..runtime.schedules import Schedules
 from ..runtime.sharded_ema import ShardedEMA, online_full_state
-from ..runtime.trainer import JobTrainer
+from ..runtime.trainer import Candidate, JobTrainer
 from .augment import DeviceAugment, soft_cross_entropy
 from .model import build_classifier
 
@@ -54,9 +46,6 @@ class FinetuneState(RunState):
     best_top1: float = -1.0
     best_epoch: int = -1
     best_which: str = ""
-
-    # RUN/best may already hold a later, better model than the checkpoint a rewind goes back to
-    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_top1", "best_epoch", "best_which")
 
 
 @torch.no_grad()
@@ -84,6 +73,8 @@ def evaluate(model: torch.nn.Module, batches, augment: DeviceAugment, device: to
 class FinetuneTrainer(JobTrainer):
     """Holds the engine, the model EMA, the loaders and the run state."""
 
+    best = "best_top1"
+
     def __init__(self, cfg: FinetuneConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.start(cfg, run_dir)
         model, pre, self.provenance = build_classifier(cfg)
@@ -91,10 +82,7 @@ class FinetuneTrainer(JobTrainer):
         self.pre = pre
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
-        self.ds_config = build_ds_config(cfg, self.info.world_size, self.precision)
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
-        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
+        self.save_run(build_ds_config(cfg, self.info.world_size, self.precision), {"init.json": self.provenance})
         model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
         if cfg.run.compile:
             model.compile()
@@ -102,15 +90,18 @@ class FinetuneTrainer(JobTrainer):
         ema_copy = copy.deepcopy(model) if cfg.ema.enabled else None
         optimizer = adamw(layer_decay_groups(model, cfg.optim.layer_decay), cfg.optim, self.device.type)
         self.seed_process_rngs()  # drop path, erasing, mixup: per rank
-        self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
-                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        resumed = self.build_engine(model, optimizer, resume)
         self.ema = ShardedEMA(self.engine, ema_copy, "", self.dtype) if ema_copy else None
         resized = self.resume_state(resumed, FinetuneState)
         mean, std = cfg.data.mean, cfg.data.std
         transform = LabelledTransform(cfg.model.img_size, cfg.run.seed, cfg.augment, mean)
         self.loader = self.train_loader(build_train_loader, resized, transform)
         self.schedules = Schedules(cfg, cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1))
+        self.steps_per_epoch = self.schedules.steps_per_epoch
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
+        self.evaluation_every = self.steps_per_epoch * cfg.eval.every_epochs
+        if self.ema is not None:
+            self.step_update = lambda step: self.ema.update(cfg.ema.decay)
         self.augment = DeviceAugment(cfg, mean, std, self.device)
         self.val_source = open_eval_source(cfg.data.val, cfg)  # type: ignore[arg-type]
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
@@ -123,55 +114,22 @@ class FinetuneTrainer(JobTrainer):
         """The parts of the config a checkpoint must agree with to be resumed."""
         return resume_fingerprint(self.cfg, ("init", "model", "augment", "optim", "schedule", "ema"))
 
-    # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        loss_sum, micro, faults = None, 0, DataFaults()
-        self.step_clock.restart()
-        while self.state.step < self.total_steps:
-            for batch in self.batches:
-                self.last_batch = batch
-                step = self.state.step
-                lr = self.schedules.lr(step)
-                set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
-                images, targets = self.augment(batch["images"], batch["labels"], batch["keys"])
-                if self.poisoned_batch(batch):
-                    images = torch.full_like(images, float("nan"))  # the debug.nan_steps drill
-                loss = soft_cross_entropy(self.engine(images.to(self.dtype)), targets)
-                self.engine.backward(loss)
-                # summed on the device: a read per micro-batch would stall it every time
-                loss_sum, micro = (loss.detach() if loss_sum is None else loss_sum + loss.detach()), micro + 1
-                faults.add(batch)
-                self.batches.prefetch()
-                before = self.engine.global_steps
-                self.engine.step()
-                if self.engine.global_steps == before:
-                    continue
-                applied = self.engine.was_step_applied()
-                if applied and self.ema is not None:
-                    self.ema.update(self.cfg.ema.decay)
-                self.count_step(batch, applied)
-                wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                row = self.step_row({"loss": loss_sum / micro}, faults, self.schedules.epoch(step), lr, wait)
-                evaluated = self._maybe_evaluate(row)
-                self.metrics.log(self.state.step, row)
-                loss_sum, micro, faults = None, 0, DataFaults()
-                self.step_clock.restart()
-                status = self._after_step(evaluated)
-                if status is not None:
-                    return status
-                if self.state.step >= self.total_steps:
-                    break
-        self._save()
-        self.metrics.close()
-        return 0
+    # -- one step ---------------------------------------------------------------------------
+    def hyperparameters(self, step: int) -> dict[str, float]:
+        lr = self.schedules.lr(step)
+        set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
+        return {"lr": lr}
 
-    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
-        """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""
-        step, per_epoch = self.state.step, self.schedules.steps_per_epoch
-        epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.eval.every_epochs == 0
-        if not (epoch_end or step == self.total_steps):
-            return False
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, targets = self.augment(batch["images"], batch["labels"], batch["keys"])
+        if self.poisoned_batch(batch):
+            images = torch.full_like(images, float("nan"))  # the debug.nan_steps drill
+        return {"loss": soft_cross_entropy(self.engine(images.to(self.dtype)), targets)}
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, row: dict[str, Any]) -> Candidate:
+        """The online model and the EMA on the held-out set; the better one is the candidate."""
+        step, per_epoch = self.state.step, self.steps_per_epoch
         scores = {"online": self._evaluate(self.engine.module)}
         if self.ema is not None:
             self.ema.gather()
@@ -184,12 +142,8 @@ class FinetuneTrainer(JobTrainer):
             print(f"eval after step {step} (epoch {step / per_epoch:.2f}): " + "  ".join(
                 f"{k} top-1 {s['top1']:.2f}% top-5 {s['top5']:.2f}% on {s['images']} images"
                 for k, s in scores.items()), flush=True)
-        if scores[which]["top1"] > self.state.best_top1:
-            self.state.best_top1, self.state.best_which = scores[which]["top1"], which
-            self.state.best_epoch = -(-step // per_epoch)
-            self._write_best(which, scores[which])
-        row["best_top1"] = self.state.best_top1
-        return True
+        return Candidate(scores[which]["top1"], {"best_which": which, "best_epoch": -(-step // per_epoch)},
+                         lambda: self._write_best(which, scores[which]))
 
     def _evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         d = self.cfg.data

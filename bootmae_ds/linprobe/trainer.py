@@ -1,5 +1,5 @@
-"""The official linear probe as a distributed run: build, resume, loop, evaluate, log, checkpoint,
-keep the best (the fine-tuning trainer's structure, on the same run machinery).
+"""The official linear probe as a distributed run: the build and the pieces of a step, evaluation
+and ``RUN/best``, on the loop every job shares (``runtime.trainer.JobTrainer``).
 
 - The frozen part (the encoder's first ``model.depth`` blocks, mean pooling, the affine-free
   LayerNorm) runs on every rank under ``no_grad``, in bf16 on GPUs (``run.precision``), outside
@@ -39,17 +39,8 @@ from ..evaluation.linprobe import hits, probe_lr, scores
 from ..models.classifier import ProbeHead, ViTClassifier
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger
-from ..runtime.recovery import DataFaults
-from ..runtime.run import (
-    DTYPES,
-    RunState,
-    checkpoint_dir,
-    resume_fingerprint,
-    run_and_close,
-    save_run_files,
-    start_engine,
-)
-from ..runtime.trainer import JobTrainer
+from ..runtime.run import DTYPES, RunState, resume_fingerprint, run_and_close
+from ..runtime.trainer import Candidate, JobTrainer
 from .data import ProbeTransform
 from .model import BEST, build_probe, write_best
 
@@ -60,9 +51,6 @@ class ProbeState(RunState):
 
     best_top1: float = -1.0
     best_epoch: int = -1
-
-    # RUN/best may already hold a later, better probe than the checkpoint a rewind goes back to
-    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_top1", "best_epoch")
 
 
 def head_ds_config(cfg: LinprobeConfig, world_size: int) -> dict[str, Any]:
@@ -75,16 +63,15 @@ def head_ds_config(cfg: LinprobeConfig, world_size: int) -> dict[str, Any]:
 class LinprobeTrainer(JobTrainer):
     """Holds the frozen probe, the head's engine, the loaders and the run state."""
 
+    best = "best_top1"
+
     def __init__(self, cfg: LinprobeConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.start(cfg, run_dir)
         probe, pre, self.provenance = build_probe(cfg)
         self.pre, self.depth = pre, len(probe.encoder.blocks)
         inherit_from_pretraining(cfg, pre)
         self.dtype = DTYPES[resolve_precision(cfg, self.info.accelerator)]  # of the frozen encoder
-        self.ds_config = head_ds_config(cfg, self.info.world_size)
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
-        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
+        self.save_run(head_ds_config(cfg, self.info.world_size), {"init.json": self.provenance})
         # fp32 CPU copy of the frozen part for RUN/best (the device copy may be bf16)
         self.export_probe = copy.deepcopy(probe) if self.info.is_main else None
         probe.encoder.to(self.device, self.dtype).eval()
@@ -93,8 +80,7 @@ class LinprobeTrainer(JobTrainer):
         head: ProbeHead = probe.head  # type: ignore[assignment]
         optimizer = LARS(head.parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
                          momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
-        self.engine, resumed = start_engine(head, optimizer, self.ds_config, self.ckpt_dir, resume,
-                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        resumed = self.build_engine(head, optimizer, resume)
         resized = self.resume_state(resumed, ProbeState)
         d = cfg.data
         transform = ProbeTransform(cfg.model.img_size, cfg.run.seed, d.crop_scale, d.crop_ratio,  # type: ignore[arg-type]
@@ -103,6 +89,7 @@ class LinprobeTrainer(JobTrainer):
         self.steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         total = cfg.schedule.epochs * self.steps_per_epoch
         self.total_steps = min(total, max_steps or total)
+        self.evaluation_every = self.steps_per_epoch * cfg.eval.every_epochs
         self.peak_lr = cfg.optim.base_lr * d.global_batch_size / cfg.optim.lr_batch_divisor
         self.normalise = Normalise(d.mean, d.std, self.device, self.dtype)  # type: ignore[arg-type]
         self.val_source = open_eval_source(d.val, cfg)  # type: ignore[arg-type]
@@ -117,72 +104,42 @@ class LinprobeTrainer(JobTrainer):
         augment = {k: d[k] for k in ("crop_scale", "crop_ratio", "interpolation", "hflip", "mean", "std")}
         return resume_fingerprint(self.cfg, ("mode", "init", "model", "optim", "schedule")) | {"augment": augment}
 
-    # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        loss_sum, micro, faults = None, 0, DataFaults()
-        head: ProbeHead = self.engine.module
-        optimizer: LARS = self.engine.optimizer
-        self.step_clock.restart()
-        while self.state.step < self.total_steps:
-            for batch in self.batches:
-                self.last_batch = batch
-                step = self.state.step
-                lr = probe_lr(step, self.steps_per_epoch, self.peak_lr, self.cfg.optim.min_lr,
-                              self.cfg.schedule.warmup_epochs, self.cfg.schedule.epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                labels = batch["labels"]  # checked on the host before it came over (watch)
-                with torch.no_grad():
-                    features = self.probe.forward_pooled(self.normalise(batch["images"])).float()  # [B, D]
-                if self.poisoned_batch(batch):
-                    features = torch.full_like(features, float("nan"))  # the debug.nan_steps drill
-                sync_running_stats(head)
-                loss = F.cross_entropy(self.engine(features), labels)
-                self.engine.backward(loss)
-                loss_sum, micro = (loss.detach() if loss_sum is None else loss_sum + loss.detach()), micro + 1
-                faults.add(batch)
-                self.batches.prefetch()
-                before = self.engine.global_steps
-                self.engine.step()
-                if self.engine.global_steps == before:
-                    continue
-                applied = not optimizer.last_step_skipped
-                self.count_step(batch, applied)
-                wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                row = self.step_row({"loss": loss_sum / micro}, faults, step // self.steps_per_epoch, lr, wait)
-                evaluated = self._maybe_evaluate(row)
-                self.metrics.log(self.state.step, row)
-                loss_sum, micro, faults = None, 0, DataFaults()
-                self.step_clock.restart()
-                status = self._after_step(evaluated)
-                if status is not None:
-                    return status
-                if self.state.step >= self.total_steps:
-                    break
-        self._save()
-        self.metrics.close()
-        return 0
+    # -- one step ---------------------------------------------------------------------------
+    def hyperparameters(self, step: int) -> dict[str, float]:
+        """MAE's per-step lr; LARS keeps its own weight decay (no ``apply_decay`` groups)."""
+        lr = probe_lr(step, self.steps_per_epoch, self.peak_lr, self.cfg.optim.min_lr,
+                      self.cfg.schedule.warmup_epochs, self.cfg.schedule.epochs)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return {"lr": lr}
 
-    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
-        """At the end of every ``eval.every_epochs``-th epoch and of the run: evaluate, keep the best."""
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        head: ProbeHead = self.engine.module
+        with torch.no_grad():
+            features = self.probe.forward_pooled(self.normalise(batch["images"])).float()  # [B, D]
+        if self.poisoned_batch(batch):
+            features = torch.full_like(features, float("nan"))  # the debug.nan_steps drill
+        sync_running_stats(head)
+        # the labels were checked on the host before they came over (watch)
+        return {"loss": F.cross_entropy(self.engine(features), batch["labels"])}
+
+    def step_applied(self) -> bool:
+        optimizer: LARS = self.engine.optimizer
+        return not optimizer.last_step_skipped
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, row: dict[str, Any]) -> Candidate:
+        """The probe on the held-out set."""
         step, per_epoch = self.state.step, self.steps_per_epoch
-        epoch_end = step % per_epoch == 0 and (step // per_epoch) % self.cfg.eval.every_epochs == 0
-        if not (epoch_end or step == self.total_steps):
-            return False
-        s = self.evaluate()
+        s = self.score()
         row.update({"eval_top1": s["top1"], "eval_top5": s["top5"], "eval_loss": s["loss"], "eval_images": s["images"]})
         if self.info.is_main:
             print(f"eval after step {step} (epoch {step / per_epoch:.2f}): top-1 {s['top1']:.2f}% "
                   f"top-5 {s['top5']:.2f}% on {s['images']} images", flush=True)
-        if s["top1"] > self.state.best_top1:
-            self.state.best_top1, self.state.best_epoch = s["top1"], -(-step // per_epoch)
-            self._write_best(s)
-        row["best_top1"] = self.state.best_top1
-        return True
+        return Candidate(s["top1"], {"best_epoch": -(-step // per_epoch)}, lambda: self._write_best(s))
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def score(self) -> dict[str, float]:
         """Top-1 / top-5 (%), mean loss and count over the held-out set, each image on one rank."""
         head: ProbeHead = self.engine.module
         head.eval()

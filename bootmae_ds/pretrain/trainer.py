@@ -1,4 +1,4 @@
-"""The pre-training loop: build, resume, loop, log, checkpoint.
+"""Pre-training: the build and the pieces of a step; the loop is ``runtime.trainer.JobTrainer``'s.
 
 One process per device; the same code runs on CPU ranks (gloo) and GPUs (NCCL), chosen by
 DeepSpeed's accelerator. Exit statuses (``bootmae_ds.runtime.run``): 0 finished, 75 preempted
@@ -7,7 +7,6 @@ after a checkpoint (requeue me), 3 stopped on non-finite losses (last good check
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,7 @@ from ..models import BootMAE, build_model, mask_to_ids
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger, device_peak_tflops
 from ..runtime.optim import build_optimizer, set_hyperparameters
-from ..runtime.recovery import DataFaults
-from ..runtime.run import (
-    DTYPES,
-    checkpoint_dir,
-    resume_fingerprint,
-    run_and_close,
-    save_run_files,
-    start_engine,
-)
-from ..runtime.timing import DeviceTimer
+from ..runtime.run import DTYPES, resume_fingerprint, run_and_close
 from ..runtime.trainer import JobTrainer
 from .flops import flops_per_image, training_flops_per_image
 from .losses import feature_loss, pixel_loss
@@ -38,36 +28,18 @@ from .schedules import PretrainSchedules
 from .teacher import build_teacher, teacher_copy
 
 
-@dataclass
-class StepStats:
-    """Sums over the micro-batches of one optimizer step. The losses stay on the device until
-    the step is logged: reading them per micro-batch would stall the device every time."""
-
-    losses: torch.Tensor | None = None  # [loss, pixel, feature] summed over micro-batches
-    faults: DataFaults = field(default_factory=DataFaults)
-    data_wait: float = 0.0
-    ema: DeviceTimer | None = None  # the momentum update and gather (CUDA events on a GPU)
-    micro: int = 0
-    last: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def add(self, losses: torch.Tensor) -> None:
-        self.losses = losses if self.losses is None else self.losses + losses
-        self.micro += 1
-
-
 class Trainer(JobTrainer):
     """Holds the engine, the teacher (``ema``: the sharded momentum encoder, or a frozen one),
     the loader and the run state."""
+
+    update_time_key = "ema_update_s"
 
     def __init__(self, cfg: BootMAEConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.start(cfg, run_dir)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
         torch.manual_seed(cfg.run.seed)
-        self.ds_config = build_ds_config(cfg, self.info.world_size, self.precision)
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
-        save_run_files(self.info, run_dir, cfg, self.ds_config)
+        self.save_run(build_ds_config(cfg, self.info.world_size, self.precision))
         self.model: BootMAE = build_model(cfg)
         self.init = initial_weights(cfg, self.model, run_dir, self.ckpt_dir, resume, self.info.is_main)
         self.model.encoder.grad_checkpointing = cfg.run.activation_checkpointing
@@ -75,9 +47,7 @@ class Trainer(JobTrainer):
             self.model.compile()  # in place: parameter names, hence checkpoints, stay the same
         teacher = teacher_copy(cfg, self.model)
         optimizer = build_optimizer(self.model, cfg, self.device.type)
-        self.engine, resumed = start_engine(self.model, optimizer, self.ds_config, self.ckpt_dir, resume,
-                                            self._fingerprint(), self.info.world_size,
-                                            cfg.checkpoint.allow_resize)
+        resumed = self.build_engine(self.model, optimizer, resume)
         self.ema = build_teacher(cfg, self.engine, teacher, self.precision, self.device)
         if self.init is not None:  # fp32 masters and momentum encoder from init.source (not on resume)
             self.init.start(self.engine, self.ema, resumed)
@@ -85,6 +55,7 @@ class Trainer(JobTrainer):
         self.loader = self.train_loader(build_train_loader, resized)
         steps_per_epoch = cfg.schedule.steps_per_epoch or max(len(self.loader) // self.accum, 1)
         self.schedules = PretrainSchedules(cfg, steps_per_epoch)
+        self.steps_per_epoch = self.schedules.steps_per_epoch
         self.total_steps = min(self.schedules.total_steps, max_steps or self.schedules.total_steps)
         self.metrics = MetricsLogger(run_dir, cfg, self.total_steps, self.info.is_main)
         self.flops = training_flops_per_image(flops_per_image(self.model, cfg))
@@ -98,6 +69,9 @@ class Trainer(JobTrainer):
 
             lg = cfg.logging
             self.knn = KnnMonitor(cfg, lg.knn_bank, lg.knn_queries, lg.knn_bank_limit, lg.knn_query_limit)
+        self.last_micro: dict[str, torch.Tensor] = {}  # the preview's images, mask and prediction
+        if self.ema is not None:
+            self.step_update = self._update_teacher
         self.watch(device_keys=("images", "masks"))
 
     # -- build ------------------------------------------------------------------------------
@@ -106,8 +80,14 @@ class Trainer(JobTrainer):
         return resume_fingerprint(self.cfg, ("model", "mask", "loss", "momentum", "optim", "schedule"))
 
 
-    # -- one micro-batch ----------------------------------------------------------------------
-    def _micro_step(self, batch: dict[str, Any], stats: StepStats, feature_weight: float) -> None:
+    # -- one step ---------------------------------------------------------------------------
+    def hyperparameters(self, step: int) -> dict[str, float]:
+        lr, wd = self.schedules.lr(step), self.schedules.weight_decay(step)
+        set_hyperparameters(self.engine.optimizer, lr, wd)
+        return {"lr": lr, "weight_decay": wd, "momentum": self.schedules.momentum(step),
+                "feature_weight": self.schedules.feature_weight(step)}
+
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         images, mask = batch["images"], batch["masks"]  # on the device already (DevicePrefetcher)
         mean, std = self.norm
@@ -125,11 +105,9 @@ class Trainer(JobTrainer):
                 targets = self.ema.target.target_features(x.to(self.ema.dtype), subset)
             loss_feat = feature_loss(out.features, targets, mask, weighted=cfg.loss.weighted_mask,
                                      eps=cfg.loss.feature_norm_eps, subset=subset)
-            loss = loss + feature_weight * loss_feat
-        self.engine.backward(loss)
-        stats.add(torch.stack([loss.detach(), loss_pix.detach(), loss_feat.detach()]).float())
-        stats.faults.add(batch)
-        stats.last = {"images": images, "mask": mask, "pixels": out.pixels.detach()}
+            loss = loss + self.schedules.feature_weight(self.state.step) * loss_feat
+        self.last_micro = {"images": images, "mask": mask, "pixels": out.pixels.detach()}
+        return {"loss": loss, "loss_pixel": loss_pix, "loss_feature": loss_feat}
 
     def _teacher_subset(self, mask: torch.Tensor, index: int) -> torch.Tensor:
         """Masked patch ids fed to the momentum encoder (paper Table 5), seeded per micro-batch."""
@@ -141,53 +119,13 @@ class Trainer(JobTrainer):
         pick = keys.argsort(dim=1)[:, :k]
         return torch.gather(masked, 1, pick).sort(dim=1).values
 
-    # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        if self.state.step >= self.total_steps and self.info.is_main:
-            print(f"nothing to do: the run is at step {self.state.step} of {self.total_steps}", flush=True)
-        stats = StepStats()
-        self.step_clock.restart()
-        while self.state.step < self.total_steps:
-            for batch in self.batches:
-                self.last_batch = batch
-                step = self.state.step
-                lr, wd = self.schedules.lr(step), self.schedules.weight_decay(step)
-                set_hyperparameters(self.engine.optimizer, lr, wd)
-                self._micro_step(batch, stats, self.schedules.feature_weight(step))
-                self.batches.prefetch()  # the next batch travels while the backward pass runs
-                before = self.engine.global_steps
-                self.engine.step()
-                if self.engine.global_steps == before:
-                    continue  # inside gradient accumulation
-                applied = self.engine.was_step_applied()
-                if applied and self.ema is not None:
-                    stats.ema = DeviceTimer(self.device)
-                    stats.ema.start()
-                    self.ema.update(self.schedules.momentum(step))
-                    self.ema.gather()
-                    stats.ema.stop()
-                stats.data_wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                self.count_step(batch, applied)
-                self._log(stats, lr, wd, step)
-                stats = StepStats()
-                self.step_clock.restart()
-                status = self._after_step()
-                if status is not None:
-                    return status
-                if self.state.step >= self.total_steps:
-                    break
-        self._save()
-        self.metrics.close()
-        return 0
+    def _update_teacher(self, step: int) -> None:
+        """The momentum encoder after an applied step, and its gather."""
+        self.ema.update(self.schedules.momentum(step))
+        self.ema.gather()
 
-    def _log(self, stats: StepStats, lr: float, wd: float, step: int) -> None:
-        means = stats.losses / max(stats.micro, 1)
-        row = self.step_row({"loss": means[0], "loss_pixel": means[1], "loss_feature": means[2]}, stats.faults,
-                            self.schedules.epoch(step), lr, stats.data_wait)
-        row |= {"weight_decay": wd, "momentum": self.schedules.momentum(step),
-                "feature_weight": self.schedules.feature_weight(step),
-                "ema_update_s": stats.ema.seconds() if stats.ema else 0.0}  # after step_row's sync
+    def finish_row(self, row: dict[str, Any]) -> None:
+        """MFU, the k-NN monitor at its cadence, the teacher's memory, the reconstruction preview."""
         if self.peak:
             row["mfu"] = row["samples_per_s_per_device"] * self.flops / (self.peak * 1e12)
         every = self.cfg.logging.knn_every_steps
@@ -197,12 +135,10 @@ class Trainer(JobTrainer):
             row["knn_top1"], row["knn_top5"] = scores["top1"], scores["top5"]
         if self.ema is not None and hasattr(self.ema, "local_bytes"):
             row["ema_bytes_per_rank"] = self.ema.local_bytes
-        self.metrics.log(self.state.step, row)
-        if self.info.is_main and stats.last and self.state.step % self.cfg.logging.preview_every_steps == 0:
-            last = stats.last
+        if self.info.is_main and self.last_micro and self.state.step % self.cfg.logging.preview_every_steps == 0:
+            last = self.last_micro
             grid = reconstruction_grid(last["images"], last["mask"], last["pixels"], self.cfg.model.patch_size)
             self.metrics.image("reconstruction", grid, self.state.step)
-
 
 
 def pretrain(cfg: BootMAEConfig, run_dir: Path, max_steps: int | None = None, resume: str = "auto") -> int:

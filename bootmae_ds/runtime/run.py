@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,11 @@ class RunState:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def kept_on_rewind(self) -> tuple[str, ...]:
+        """``KEPT_ON_REWIND`` and every ``best_*`` field a job's state adds: ``RUN/best`` may already
+        hold a later, better model than the checkpoint a rewind goes back to."""
+        return (*self.KEPT_ON_REWIND, *(f.name for f in fields(self) if f.name.startswith("best_")))
 
 
 class Preemption:
@@ -211,7 +216,7 @@ def rewind(trainer: Any) -> bool:
     record = {"at_step": state.step, "to_step": saved["step"], "checkpoint": tag_dir.name,
               "data_epoch": data["epoch"], "data_batches": data["batches"],
               "skipped_in_row": state.skipped_in_row}
-    keep = {name: getattr(state, name) for name in state.KEPT_ON_REWIND}
+    keep = {name: getattr(state, name) for name in state.kept_on_rewind()}
     keep |= {"data": data, "skipped_in_row": 0, "rewinds": [*state.rewinds, record]}
     trainer.state = type(state)(**(saved | keep))
     if trainer.info.is_main:

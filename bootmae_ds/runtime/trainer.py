@@ -1,16 +1,31 @@
-"""The part of a trainer that every job shares, so that each job's trainer reads as its own story
-(build, resume, loop, log, checkpoint) and does the common steps the same way.
+"""The part of a trainer that every job shares: start-up, resume, the training loop (written once,
+here), the bookkeeping of an applied step, the evaluation cadence, keeping the best, stopping and
+saving. Each job's trainer reads as its own story (build, then the pieces the loop asks for).
 
 A job's trainer subclasses :class:`JobTrainer`, calls :meth:`start` first and the other builders
 as its ``__init__`` reaches them, and defines ``_fingerprint()``. The attributes it builds and
 this class uses: ``cfg``, ``run_dir``, ``info``, ``device``, ``engine``, ``ema`` (what is saved
 beside the engine: pre-training's teacher, fine-tuning's model EMA, or None), ``ckpt_dir``,
-``accum``, ``state``, ``loader``, ``metrics``.
+``accum``, ``state``, ``loader``, ``metrics``, ``steps_per_epoch``, ``total_steps``.
+
+What a job hands the loop (:meth:`train`):
+
+- ``hyperparameters(step)``: set this step's hyperparameters on the optimizer; returns them for the
+  row (``lr`` first; the others are appended after the step's own fields);
+- ``micro_step(batch)``: what one micro-batch computes, as a dict of device tensors (the losses);
+  the first is back-propagated, all are averaged over the micro-batches of the step;
+- ``step_update`` (optional): what happens after an applied step (a momentum encoder's or a model
+  EMA's update), timed on the device into the row's ``update_time_key`` when that is set;
+- ``finish_row(row)`` (optional): fields of its own, added before the row is logged;
+- ``evaluation_every`` and ``evaluate(row)`` (optional): the cadence in steps (the last step always
+  evaluates) and what an evaluation scores into the row; ``best`` names the run-state field that
+  keeps the best score (``Candidate.write`` then refreshes ``RUN/best``).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,15 +38,63 @@ from . import checkpoint as ckpt
 from .dist import DistInfo, init_distributed
 from .prefetch import DevicePrefetcher
 from .recovery import DataFaults, SpikeDetector, poisoned_batches, watch
-from .run import Preemption, Resume, RunState, announce, set_deterministic, stop_status
-from .timing import StepClock, host_values_on
+from .run import (
+    Preemption,
+    Resume,
+    RunState,
+    announce,
+    checkpoint_dir,
+    save_run_files,
+    set_deterministic,
+    start_engine,
+    stop_status,
+)
+from .timing import DeviceTimer, StepClock, host_values_on
+
+
+@dataclass
+class Candidate:
+    """What an evaluation offers for ``RUN/best``: its ``score`` (the metric ``best`` keeps), the
+    run-state fields recorded with a new best besides the score, and how to write ``RUN/best``
+    (called on every rank: a gather of the weights is a collective)."""
+
+    score: float
+    record: dict[str, Any]
+    write: Callable[[], None]
+
+
+@dataclass
+class StepSums:
+    """What one optimizer step gathers over its micro-batches: the losses, summed on the device
+    (a read per micro-batch would stall it every time), and the data layer's accounting."""
+
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    micro: int = 0
+    faults: DataFaults = field(default_factory=DataFaults)
+
+    def add(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        for key, value in losses.items():
+            value = value.detach().float()
+            self.losses[key] = self.losses[key] + value if key in self.losses else value
+        self.micro += 1
+        self.faults.add(batch)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {key: value / self.micro for key, value in self.losses.items()}
 
 
 class JobTrainer:
-    """Start-up, resume, the bookkeeping of an applied step, stopping and saving."""
+    """Start-up, resume, the training loop, the bookkeeping of an applied step, evaluation
+    cadence and the best so far, stopping and saving."""
 
     ema: Any = None
     state: RunState
+    # -- the pieces a job hands in besides hyperparameters() and micro_step() (module docstring)
+    step_update: Callable[[int], None] | None = None  # after an applied step, with its step number
+    update_time_key: str | None = None  # the row field of step_update's device time
+    evaluation_every: int | None = None  # steps between evaluations (None: the job does not evaluate)
+    best: str | None = None  # the run-state field (and row field) keeping the best evaluation score
+    best_is_max: bool = True  # False: lower is better (the state field's default must lose: inf)
 
     def start(self, cfg: Any, run_dir: Path) -> None:
         """Determinism, the distributed set-up and the start-up line, before anything else."""
@@ -40,6 +103,20 @@ class JobTrainer:
         self.info: DistInfo = init_distributed()
         self.device = self.info.device
         announce(cfg.run.name, self.info)
+
+    def save_run(self, ds_config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Keep DeepSpeed's JSON, its accumulation steps and the checkpoint directory; rank 0
+        writes the run files (``config.yaml``, ``ds_config.json`` and ``extra``'s JSON files)."""
+        self.ds_config, self.accum = ds_config, ds_config["gradient_accumulation_steps"]
+        self.ckpt_dir = checkpoint_dir(self.cfg, self.run_dir)
+        save_run_files(self.info, self.run_dir, self.cfg, ds_config, extra)
+
+    def build_engine(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume: str) -> Resume | None:
+        """``self.engine`` (DeepSpeed's) and the checkpoint to resume, chosen against ``_fingerprint()``."""
+        self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
+                                            self._fingerprint(), self.info.world_size,
+                                            self.cfg.checkpoint.allow_resize)
+        return resumed
 
     def seed_process_rngs(self) -> None:
         """Seed Python's, NumPy's and torch's global generators with ``run.seed`` and the rank: what
@@ -137,6 +214,102 @@ class JobTrainer:
         if torch.is_tensor(norm):
             return norm.detach().float().reshape(1)
         return host_values_on([float(norm or 0.0)], self.device)
+
+    # -- what a job hands in ------------------------------------------------------------------
+    def hyperparameters(self, step: int) -> dict[str, float]:
+        """Set optimizer step ``step``'s hyperparameters; returns them for its row, ``lr`` first."""
+        raise NotImplementedError
+
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch (on the device); the first one is back-propagated."""
+        raise NotImplementedError
+
+    def finish_row(self, row: dict[str, Any]) -> None:
+        """Add the job's own fields to an optimizer step's row before it is logged."""
+
+    def evaluate(self, row: dict[str, Any]) -> Candidate:
+        """Evaluate (a collective), put the scores into ``row``; the candidate for ``RUN/best``."""
+        raise NotImplementedError
+
+    def step_applied(self) -> bool:
+        """Whether the optimizer step just taken changed the weights (False: non-finite, skipped)."""
+        return self.engine.was_step_applied()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
+        if self.state.step >= self.total_steps and self.info.is_main:
+            print(f"nothing to do: the run is at step {self.state.step} of {self.total_steps}", flush=True)
+        sums, hyper = StepSums(), None
+        self.step_clock.restart()
+        while self.state.step < self.total_steps:
+            for batch in self.batches:
+                self.last_batch = batch
+                step = self.state.step
+                if hyper is None:
+                    hyper = self.hyperparameters(step)
+                self._micro_batch(batch, sums)
+                self.batches.prefetch()  # the next batch travels while the backward pass runs
+                before = self.engine.global_steps
+                self.engine.step()
+                if self.engine.global_steps == before:
+                    continue  # inside gradient accumulation
+                applied = self.step_applied()
+                timer = self._update(step) if applied and self.step_update is not None else None
+                self.count_step(batch, applied)
+                evaluated = self._log_step(sums, hyper, step, timer)
+                sums, hyper = StepSums(), None
+                self.step_clock.restart()
+                status = self._after_step(evaluated)
+                if status is not None:
+                    return status
+                if self.state.step >= self.total_steps:
+                    break
+        self._save()
+        self.metrics.close()
+        return 0
+
+    def _micro_batch(self, batch: dict[str, Any], sums: StepSums) -> None:
+        """Forward and loss (the job's), the backward pass, the step's sums and data accounting."""
+        losses = self.micro_step(batch)
+        self.engine.backward(next(iter(losses.values())))
+        sums.add(losses, batch)
+
+    def _update(self, step: int) -> DeviceTimer:
+        """``step_update`` after an applied step, timed on the device (read after step_row's sync)."""
+        timer = DeviceTimer(self.device)
+        timer.start()
+        self.step_update(step)  # type: ignore[misc]
+        timer.stop()
+        return timer
+
+    def _log_step(self, sums: StepSums, hyper: dict[str, float], step: int, timer: DeviceTimer | None) -> bool:
+        """The step's row (its one collective and read), evaluation when due, the log line;
+        whether it evaluated."""
+        wait, self.batches.wait_s = self.batches.wait_s, 0.0
+        row = self.step_row(sums.means(), sums.faults, step // self.steps_per_epoch, hyper["lr"], wait)
+        row |= {key: value for key, value in hyper.items() if key != "lr"}
+        if self.update_time_key is not None:
+            row[self.update_time_key] = timer.seconds() if timer is not None else 0.0  # after step_row's sync
+        self.finish_row(row)
+        evaluated = self._maybe_evaluate(row)
+        self.metrics.log(self.state.step, row)
+        return evaluated
+
+    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
+        """Every ``evaluation_every`` steps and at the last: evaluate, keep the best; whether it ran."""
+        step = self.state.step
+        if self.evaluation_every is None or (step % self.evaluation_every and step != self.total_steps):
+            return False
+        found = self.evaluate(row)
+        kept = getattr(self.state, self.best)
+        if found.score > kept if self.best_is_max else found.score < kept:
+            setattr(self.state, self.best, found.score)
+            for name, value in found.record.items():
+                setattr(self.state, name, value)
+            found.write()
+        row[self.best] = getattr(self.state, self.best)
+        return True
 
     def _load(self, tag_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         """Restore weights, EMA and RNG from a checkpoint (a rewind); the saved run state."""

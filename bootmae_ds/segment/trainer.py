@@ -1,4 +1,5 @@
-"""The segmentation loop: build, resume, loop, evaluate, log, checkpoint, keep the best.
+"""Segmentation: the build and the pieces of a step, evaluation and ``RUN/best``; the loop (resume,
+log, checkpoint, keeping the best) is ``runtime.trainer.JobTrainer``'s.
 
 Same engine, checkpoints, signals and logs as the other jobs (``bootmae_ds.runtime``): ZeRO-2 with
 a client AdamW whose groups carry the official constructor's layer-wise lr scales, mmcv's poly
@@ -35,18 +36,9 @@ from ..evaluation.segmentation import (
 from ..runtime.ds_config import build_ds_config, resolve_precision
 from ..runtime.metrics import MetricsLogger
 from ..runtime.optim import adamw, backbone_layer_decay_groups, set_hyperparameters
-from ..runtime.recovery import DataFaults
-from ..runtime.run import (
-    DTYPES,
-    RunState,
-    checkpoint_dir,
-    resume_fingerprint,
-    run_and_close,
-    save_run_files,
-    start_engine,
-)
+from ..runtime.run import DTYPES, RunState, resume_fingerprint, run_and_close
 from ..runtime.sharded_ema import online_full_state
-from ..runtime.trainer import JobTrainer
+from ..runtime.trainer import Candidate, JobTrainer
 from .data import (
     SegTrainTransform,
     build_segment_loader,
@@ -67,9 +59,6 @@ class SegmentState(RunState):
 
     best_miou: float = -1.0
     best_step: int = -1
-
-    # RUN/best may already hold a later, better model than the checkpoint a rewind goes back to
-    KEPT_ON_REWIND = (*RunState.KEPT_ON_REWIND, "best_miou", "best_step")
 
 
 def poly_lr(step: int, cfg: SegmentConfig) -> float:
@@ -131,16 +120,15 @@ def evaluate(model: Segmentor, cfg: SegmentConfig, source: Any, rank: int, world
 class SegmentTrainer(JobTrainer):
     """Holds the engine, the loaders and the run state."""
 
+    best = "best_miou"
+
     def __init__(self, cfg: SegmentConfig, run_dir: Path, max_steps: int | None, resume: str) -> None:
         self.start(cfg, run_dir)
         self.train_source, self.val_source = open_train_source(cfg), open_eval_source(cfg)  # checked: fail fast
         model, self.pre, self.provenance = build_segmentor(cfg)
         self.precision = resolve_precision(cfg, self.info.accelerator)
         self.dtype = DTYPES[self.precision]
-        self.ds_config = build_ds_config(cfg, self.info.world_size, self.precision)
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.ckpt_dir = checkpoint_dir(cfg, run_dir)
-        save_run_files(self.info, run_dir, cfg, self.ds_config, {"init.json": self.provenance})
+        self.save_run(build_ds_config(cfg, self.info.world_size, self.precision), {"init.json": self.provenance})
         if use_sync_bn(cfg, self.device):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.backbone.grad_checkpointing = cfg.run.activation_checkpointing
@@ -150,13 +138,13 @@ class SegmentTrainer(JobTrainer):
         groups = backbone_layer_decay_groups(model, num_layers, cfg.optim.layer_decay)
         optimizer = adamw(groups, cfg.optim, self.device.type)
         self.seed_process_rngs()  # drop path and dropout: per rank
-        self.engine, resumed = start_engine(model, optimizer, self.ds_config, self.ckpt_dir, resume,
-                                            self._fingerprint(), self.info.world_size, cfg.checkpoint.allow_resize)
+        resumed = self.build_engine(model, optimizer, resume)
         resized = self.resume_state(resumed, SegmentState)
         self.loader = self.train_loader(partial(build_segment_loader, source=self.train_source), resized,
                                         SegTrainTransform.from_config(cfg))
         self.steps_per_epoch = max(len(self.loader) // self.accum, 1)
         self.total_steps = min(cfg.schedule.iters, max_steps or cfg.schedule.iters)
+        self.evaluation_every = cfg.eval.every_steps
         d = cfg.data
         self.mean = torch.tensor(d.mean, device=self.device)
         self.std = torch.tensor(d.std, device=self.device)
@@ -172,55 +160,22 @@ class SegmentTrainer(JobTrainer):
                                      "reduce_zero_label", "ignore_index", "mean", "std")}
         return resume_fingerprint(self.cfg, ("init", "model", "optim", "schedule")) | {"augment": augment}
 
-    # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> int:
-        """Run until the schedule ends, ``max_steps``, preemption or repeated non-finite losses."""
-        sums: dict[str, torch.Tensor] = {}
-        micro, faults = 0, DataFaults()
-        self.step_clock.restart()
-        while self.state.step < self.total_steps:
-            for batch in self.batches:
-                self.last_batch = batch
-                step = self.state.step
-                lr = poly_lr(step, self.cfg)
-                set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
-                images, labels = device_batch(batch["images"], batch["masks"], self.mean, self.std,
-                                              self.cfg.data.ignore_index)
-                if self.poisoned_batch(batch):
-                    images = torch.full_like(images, float("nan"))  # the debug.nan_steps drill
-                losses = segmentation_loss(self.engine(images.to(self.dtype)), labels, self.cfg)
-                self.engine.backward(losses["loss"])
-                # summed on the device: a read per micro-batch would stall it every time
-                sums = {k: v.detach() + sums.get(k, 0) for k, v in losses.items()}
-                micro += 1
-                faults.add(batch)
-                self.batches.prefetch()
-                before = self.engine.global_steps
-                self.engine.step()
-                if self.engine.global_steps == before:
-                    continue
-                self.count_step(batch, self.engine.was_step_applied())
-                wait, self.batches.wait_s = self.batches.wait_s, 0.0
-                row = self.step_row({k: v / micro for k, v in sums.items()}, faults, step // self.steps_per_epoch,
-                                    lr, wait)
-                evaluated = self._maybe_evaluate(row)
-                self.metrics.log(self.state.step, row)
-                sums, micro, faults = {}, 0, DataFaults()
-                self.step_clock.restart()
-                status = self._after_step(evaluated)
-                if status is not None:
-                    return status
-                if self.state.step >= self.total_steps:
-                    break
-        self._save()
-        self.metrics.close()
-        return 0
+    # -- one step ---------------------------------------------------------------------------
+    def hyperparameters(self, step: int) -> dict[str, float]:
+        lr = poly_lr(step, self.cfg)
+        set_hyperparameters(self.engine.optimizer, lr, self.cfg.optim.weight_decay)
+        return {"lr": lr}
 
-    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
-        """Every ``eval.every_steps`` steps and at the end: score, write the table, keep the best."""
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, labels = device_batch(batch["images"], batch["masks"], self.mean, self.std, self.cfg.data.ignore_index)
+        if self.poisoned_batch(batch):
+            images = torch.full_like(images, float("nan"))  # the debug.nan_steps drill
+        return segmentation_loss(self.engine(images.to(self.dtype)), labels, self.cfg)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, row: dict[str, Any]) -> Candidate:
+        """Score the held-out set and write its per-class table."""
         step = self.state.step
-        if step % self.cfg.eval.every_steps and step != self.total_steps:
-            return False
         start = time.perf_counter()
         scores, images = evaluate(self.engine.module, self.cfg, self.val_source, self.info.rank,
                                   self.info.world_size, self.device, self.dtype)
@@ -231,11 +186,7 @@ class SegmentTrainer(JobTrainer):
             (self.run_dir / "eval").mkdir(exist_ok=True)
             scores.write_table(self.run_dir / "eval" / f"step_{step:08d}.md", self.class_names(),
                                f"step {step}, {images} images of {self.cfg.data.val}")
-        if scores.miou > self.state.best_miou:
-            self.state.best_miou, self.state.best_step = scores.miou, step
-            self._write_best(scores, images)
-        row["best_miou"] = self.state.best_miou
-        return True
+        return Candidate(scores.miou, {"best_step": step}, lambda: self._write_best(scores, images))
 
     def class_names(self) -> list[str] | None:
         """Class names for the tables: ``data.classes``, else ``classes.txt`` beside an ADE20K-style
