@@ -50,7 +50,7 @@ def test_the_reference_lists_each_jobs_own_defaults() -> None:
     ref = reference()
     segment = ref[ref.index("## segment"):ref.index("## detect")]
     assert "| `checkpoint.every_steps` | int | `16000` | >= 1 |" in segment  # the tree's, not the section's 1000
-    assert "| `run.name` | str | `segment` |" in segment
+    assert "| `run.name` | str \\| null | `segment` |" in segment  # null in a file = the job's name
     assert '| `run.precision` | "auto" \\| "bf16" \\| "fp32" | `auto` |' in segment
 
 

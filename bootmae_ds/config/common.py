@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -126,7 +126,9 @@ class CheckpointConfig(Section):
 class RunConfig(Section):
     """Identity, precision and reproducibility of the run."""
 
-    name: str = Field("bootmae", min_length=1, description="Run name, printed with each rank's start-up line.")
+    name: str | None = Field(None, min_length=1, description="Run name, printed with each rank's start-up line "
+                             "and given to the trackers; null = the job's name (bootmae, finetune, linprobe, "
+                             "segment, detect).")
     seed: int = Field(0, ge=0, description="Seed of everything random.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
@@ -244,12 +246,24 @@ def inherit_from_pretraining(cfg: Any, pre: Any) -> None:
 class JobTree(Tree):
     """The sections every job's tree ends with, declared once: a job's tree adds its own sections
     before them (``Tree.to_yaml`` keeps these last) and redeclares one only where its job's default
-    differs (``run.name``, segmentation's step cadences)."""
+    differs (segmentation's step cadences). ``JOB`` names the run when ``run.name`` is null;
+    ``NO_COMPILE`` says why a job refuses ``run.compile`` (None: it compiles)."""
+
+    JOB: ClassVar[str] = "bootmae"
+    NO_COMPILE: ClassVar[str | None] = None
 
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
     debug: DebugConfig = Field(default_factory=DebugConfig, description="Fault injection (tests, drills).")
+
+    @model_validator(mode="after")
+    def _job_defaults(self) -> JobTree:
+        if self.run.name is None:
+            self.run.name = self.JOB
+        if self.run.compile and self.NO_COMPILE:  # a silent no-op would mislead
+            fail("run.compile", True, f"{self.NO_COMPILE}; set it false")
+        return self
 
 
 class TransferJobTree(JobTree):

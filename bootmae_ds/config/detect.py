@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import EpochJobTree, NonfiniteGuard, RunConfig, accumulation_steps
+from .common import EpochJobTree, NonfiniteGuard, accumulation_steps
 
 PRESET_DIR = PRESETS_ROOT / "detect"
 
@@ -180,18 +180,13 @@ class DetectScheduleConfig(Section):
 class DetectConfig(EpochJobTree):
     """A whole detection (Mask R-CNN) run."""
 
+    JOB = "detect"
+    # variable image sizes would recompile every shape
+    NO_COMPILE = "detection does not compile the model (every image size would recompile)"
     model: DetectorConfig = Field(default_factory=DetectorConfig, description="Detector.")
     optim: DetectOptimConfig = Field(default_factory=DetectOptimConfig, description="Optimizer.")
     schedule: DetectScheduleConfig = Field(default_factory=DetectScheduleConfig, description="Schedule.")
     data: DetectDataConfig = Field(default_factory=DetectDataConfig, description="Data.")
-    run: RunConfig = Field(default_factory=lambda: RunConfig(name="detect"), description="Run identity.")
-
-    @model_validator(mode="after")
-    def _check(self) -> DetectConfig:
-        if self.run.compile:  # variable image sizes recompile every shape; a silent no-op would mislead
-            fail("run.compile", True, "detection does not compile the model (every image size would "
-                 "recompile); set it false")
-        return self
 
 
 def load_detect_config(source: str | Path = "coco_base", overrides: list[str] | None = None) -> DetectConfig:

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import EpochJobTree, EpochScheduleConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
+from .common import EpochJobTree, EpochScheduleConfig, LabelledDataConfig, NonfiniteGuard
 
 PRESET_DIR = PRESETS_ROOT / "finetune"
 
@@ -103,13 +103,13 @@ class FinetuneDataConfig(LabelledDataConfig):
 class FinetuneConfig(EpochJobTree):
     """A whole fine-tuning run."""
 
+    JOB = "finetune"
     model: ClassifierConfig = Field(default_factory=ClassifierConfig, description="Classifier.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation.")
     optim: FinetuneOptimConfig = Field(default_factory=FinetuneOptimConfig, description="Optimizer.")
     schedule: FinetuneScheduleConfig = Field(default_factory=FinetuneScheduleConfig, description="Schedule.")
     ema: ModelEmaConfig = Field(default_factory=ModelEmaConfig, description="Model EMA.")
     data: FinetuneDataConfig = Field(default_factory=FinetuneDataConfig, description="Data.")
-    run: RunConfig = Field(default_factory=lambda: RunConfig(name="finetune"), description="Run identity.")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":

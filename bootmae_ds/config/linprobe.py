@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .base import PRESETS_ROOT, Section, fail, load_tree
-from .common import EpochJobTree, EpochScheduleConfig, LabelledDataConfig, NonfiniteGuard, RunConfig
+from .base import PRESETS_ROOT, Section, load_tree
+from .common import EpochJobTree, EpochScheduleConfig, LabelledDataConfig, NonfiniteGuard
 
 PRESET_DIR = PRESETS_ROOT / "linprobe"
 
@@ -67,6 +67,8 @@ class ProbeDataConfig(LabelledDataConfig):
 class LinprobeConfig(EpochJobTree):
     """A whole linear-probing run."""
 
+    JOB = "linprobe"
+    NO_COMPILE = "linear probing does not compile the frozen encoder (it runs eagerly)"
     mode: Literal["official", "cached_features"] = Field(
         "official", description="official: every step re-augments its images through the frozen encoder "
         "(the protocol; streams, resumable). cached_features: features of centre crops extracted once "
@@ -76,13 +78,6 @@ class LinprobeConfig(EpochJobTree):
     optim: ProbeOptimConfig = Field(default_factory=ProbeOptimConfig, description="Optimizer.")
     schedule: ProbeScheduleConfig = Field(default_factory=ProbeScheduleConfig, description="Schedule.")
     data: ProbeDataConfig = Field(default_factory=ProbeDataConfig, description="Data.")
-    run: RunConfig = Field(default_factory=lambda: RunConfig(name="linprobe"), description="Run identity.")
-
-    @model_validator(mode="after")
-    def _check(self) -> LinprobeConfig:
-        if self.run.compile:  # the frozen encoder runs eagerly; a silent no-op would mislead
-            fail("run.compile", True, "linear probing does not compile the frozen encoder; set it false")
-        return self
 
 
 def load_linprobe_config(source: str | Path = "vit_base", overrides: list[str] | None = None) -> LinprobeConfig:

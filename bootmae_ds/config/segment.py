@@ -20,7 +20,6 @@ from .common import (
     DataConfig,
     LoggingConfig,
     NonfiniteGuard,
-    RunConfig,
     TransferJobTree,
 )
 
@@ -162,6 +161,7 @@ class SegmentEvalConfig(Section):
 class SegmentConfig(TransferJobTree):
     """A whole segmentation run."""
 
+    JOB = "segment"
     model: SegmentorConfig = Field(default_factory=SegmentorConfig, description="Segmentor.")
     optim: SegmentOptimConfig = Field(default_factory=SegmentOptimConfig, description="Optimizer.")
     schedule: SegmentScheduleConfig = Field(default_factory=SegmentScheduleConfig, description="Schedule.")
@@ -170,7 +170,6 @@ class SegmentConfig(TransferJobTree):
     checkpoint: CheckpointConfig = Field(
         default_factory=lambda: CheckpointConfig(every_steps=16000), description="Saving.")
     logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig(every_steps=50), description="Logging.")
-    run: RunConfig = Field(default_factory=lambda: RunConfig(name="segment"), description="Run identity.")
 
     @model_validator(mode="after")
     def _check(self) -> SegmentConfig:
