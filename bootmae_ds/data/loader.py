@@ -22,6 +22,12 @@ with a different world size, worker count, batch size, dataset size or seed is r
 sample layout is a function of all of them (resume those at an epoch boundary, with
 ``state=None`` and ``loader.epoch`` set, or keep them unchanged).
 
+Workers (``data.num_workers`` > 0) start once per run, at the first iteration, from the fork
+server of ``bootmae_ds.data.workers`` (never a fork of the rank, which has threads by then) and
+stay for every epoch; each epoch's number and start are handed to the live workers.
+``loader.close()`` ends them (it also runs at interpreter exit, and when the loader's own
+iteration fails).
+
 Rank and world size are explicit arguments: workers never look at ``torch.distributed`` or the
 environment, which spawned workers cannot see reliably. Iterate the loader yourself; do not hand
 it to ``deepspeed.initialize(training_data=...)``, which would wrap it in a DistributedSampler.
@@ -43,9 +49,11 @@ ImageFolder directory, or ``synthetic``. See ``bootmae_ds.data.plan`` for the sa
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,6 +66,7 @@ from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.shards import ShardError
 from bootmae_ds.data.sources import RawSample, Source, open_source
 from bootmae_ds.data.transforms import SampleTransform
+from bootmae_ds.data.workers import train_worker_context
 
 log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
@@ -272,13 +281,47 @@ def iterate_and_join(loader: DataLoader) -> Iterator[Any]:
     try:
         yield from it
     finally:
-        shutdown = getattr(it, "_shutdown_workers", None)  # multiprocess iterators only
-        if shutdown is not None:
-            shutdown()
-            for queue in getattr(it, "_index_queues", []):
-                thread = getattr(queue, "_thread", None)
-                if thread is not None:
-                    thread.join(timeout=30)
+        _shut_down(it)
+
+
+def _shut_down(it: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's workers and join its index queues' feeder threads."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # multiprocess iterators only
+    if shutdown is not None:
+        shutdown()
+        for queue in getattr(it, "_index_queues", []):
+            thread = getattr(queue, "_thread", None)
+            if thread is not None:
+                thread.join(timeout=30)
+
+
+@dataclasses.dataclass
+class _Positioned(IterableDataset):
+    """The dataset as the persistent workers hold it: every iteration reads its epoch and start
+    micro-batch from ``position``, shared memory the loader writes before it starts the epoch.
+
+    Why shared memory: a persistent worker holds its own copy of the dataset (unpickled once), so
+    the main process cannot change it, and an IterableDataset gets no per-epoch argument (the
+    index a worker receives is always None). The DataLoader re-creates each worker's iterator
+    only after the worker has taken the epoch's resume message from its queue, and the loader
+    writes the position before it sends that message, so each epoch reads the right values; a
+    shared array is the whole channel, with no extra process or protocol to keep alive."""
+
+    dataset: Any  # StreamingDataset or any dataclass with ``epoch`` and ``start`` fields
+    position: Any  # multiprocessing RawArray("q", 2): [epoch, start]
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self.position[0], self.position[1]  # read now, not at the first next()
+        return iter(dataclasses.replace(self.dataset, epoch=epoch, start=start))
+
+
+# Loaders whose workers are running, closed at interpreter exit. Registered after torch's own
+# exit hook, so it runs first, while torch still shuts workers down in order.
+_LIVE: weakref.WeakSet[TrainLoader] = weakref.WeakSet()
+atexit.register(lambda: [loader.close() for loader in list(_LIVE)])
 
 
 class TrainLoader:
@@ -297,6 +340,8 @@ class TrainLoader:
         self.stats: dict[str, Any] = {"corrupt": 0, "filled": 0, "batches": 0, "damaged_shards": []}
         if state is not None:
             self.load_state_dict(state)
+        self._workers: DataLoader | None = None  # the persistent workers' DataLoader, once started
+        self._context = train_worker_context(dataset) if num_workers else None
 
     def __len__(self) -> int:
         """Micro-batches per epoch on this rank (the same on every rank)."""
@@ -344,37 +389,74 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.batches >= len(self):
             self.epoch, self.batches = self.epoch + 1, 0
-        dataset = dataclasses.replace(self.dataset, epoch=self.epoch, start=self.batches)
-        # Each DataLoader iterator draws its workers' base seed from `generator`, by default the
-        # global torch RNG: a private one keeps the trainer's RNG stream the same whether or not
-        # the run was resumed (the workers themselves use per-sample RNGs only).
-        seed = mix_seed(dataset.seed, "dataloader", dataset.rank, self.epoch, self.batches)
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(seed % 2**63),
-        )
-        for batch in iterate_and_join(loader):
-            if batch["index"] != self.batches:  # guards the round-robin assumption
-                raise RuntimeError(
-                    f"loader out of order: got micro-batch {batch['index']}, "
-                    f"expected {self.batches}"
-                )
-            self.batches += 1
-            self.stats["batches"] += 1
-            self.stats["corrupt"] += batch["corrupt"]
-            self.stats["filled"] += batch["filled"]
-            for name in batch["damaged_shards"]:  # each worker names a shard once per epoch
-                if name not in self.stats["damaged_shards"]:
-                    self.stats["damaged_shards"].append(name)
-                    log.warning("damaged shard %s: its unreadable samples are replaced and "
-                                "counted; check it with `python data_prep/verify_shards.py` "
-                                "and rebuild it", name)
-            yield batch
+        try:
+            for batch in self._epoch():
+                if batch["index"] != self.batches:  # guards the round-robin assumption
+                    raise RuntimeError(
+                        f"loader out of order: got micro-batch {batch['index']}, "
+                        f"expected {self.batches}"
+                    )
+                self.batches += 1
+                self.stats["batches"] += 1
+                self.stats["corrupt"] += batch["corrupt"]
+                self.stats["filled"] += batch["filled"]
+                for name in batch["damaged_shards"]:  # each worker names a shard once per epoch
+                    if name not in self.stats["damaged_shards"]:
+                        self.stats["damaged_shards"].append(name)
+                        log.warning("damaged shard %s: its unreadable samples are replaced and "
+                                    "counted; check it with `python data_prep/verify_shards.py` "
+                                    "and rebuild it", name)
+                yield batch
+        except Exception:
+            self.close()  # a failed stream is not continued: its workers must not outlive it
+            raise
         self.epoch, self.batches = self.epoch + 1, 0
+
+    def _epoch(self) -> Iterator[Batch]:
+        """This epoch's micro-batches from ``self.batches`` on."""
+        # Each DataLoader iterator draws its workers' base seed (and, per epoch, a shared seed)
+        # from `generator`, by default the global torch RNG: a private one keeps the trainer's RNG
+        # stream the same whether or not the run was resumed (the workers themselves use
+        # per-sample RNGs only, so their global seeds do not matter).
+        seed = mix_seed(self.dataset.seed, "dataloader", self.dataset.rank, self.epoch, self.batches)
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        if not self.num_workers:  # read in this process: a plain per-epoch DataLoader, no process
+            dataset = dataclasses.replace(self.dataset, epoch=self.epoch, start=self.batches)
+            return iter(DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=self.pin_memory,
+                                   generator=generator))
+        if self._workers is None:
+            # Started once, at the first epoch, from the fork server: a rank with threads is never
+            # forked (CPython 3.11 can leave such a child stuck in PyOS_AfterFork_Child).
+            position = self._context.RawArray("q", 2)  # type: ignore[union-attr]
+            self._workers = DataLoader(
+                _Positioned(self.dataset, position),
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=True,
+                multiprocessing_context=self._context,
+                generator=generator,
+            )
+            _LIVE.add(self)
+        # Written before iter(): starting the workers, or sending them the resume message that
+        # makes each one re-read it (and drop whatever an abandoned epoch left in flight).
+        self._workers.dataset.position[:] = [self.epoch, self.batches]  # type: ignore[attr-defined]
+        return iter(self._workers)
+
+    def close(self) -> None:
+        """End the workers and join their queue threads (the end of the run; also done at
+        interpreter exit). Iterating again afterwards starts new workers."""
+        workers, self._workers = self._workers, None
+        _LIVE.discard(self)
+        if workers is not None and workers._iterator is not None:
+            _shut_down(workers._iterator)
+            workers._iterator = None
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def build_train_loader(

@@ -1,21 +1,25 @@
-"""How evaluation loaders start their workers: from a fork server, never by forking a training rank.
+"""Where loader workers come from: multiprocessing's fork server, never a fork of a training rank.
 
-When a rank evaluates it is multi-threaded (the tracker's writer, the process group's threads,
-the training loader's queue feeders). CPython 3.11 clears the other threads' states in a forked
-child before it re-initialises the interpreter's thread-list lock, so a fork taken while another
-thread holds that lock leaves the child waiting forever in ``PyOS_AfterFork_Child`` and the rank
-waiting on it. Seen here in a fine-tuning rank's evaluation loader (gdb: the worker stuck in
-``_PyThreadState_DeleteExcept``) and in a segmentation evaluation at an epoch boundary.
+A rank is multi-threaded (the tracker's writer, the process group's threads, loader queue feeders).
+CPython 3.11 clears the other threads' states in a forked child before it re-initialises the
+interpreter's thread-list lock, so a fork taken while another thread holds that lock leaves the
+child waiting forever in ``PyOS_AfterFork_Child`` and the rank waiting on it. Seen here in a
+fine-tuning rank's evaluation loader (gdb: the worker stuck in ``_PyThreadState_DeleteExcept``),
+in a segmentation evaluation at an epoch boundary and in a segmentation run's training loader at
+the start of its 7th epoch (it forked its workers at every epoch start then).
 
-Evaluation workers are therefore forked from ``multiprocessing``'s fork server: one
-single-threaded process per rank that imports torch and the data modules once, so a worker starts
-in milliseconds and gets its dataset pickled. The training loader keeps plain ``fork``: it starts
-its workers once per epoch, at the top of the loop, and a fork server per rank restart costs a
-torch import (measured: the kill-and-resume drill's runs slowed past their time limit with it).
+Workers are therefore forked from the fork server: one single-threaded process per rank, started
+by fork+exec (``_posixsubprocess``, which runs no Python in the child, hence safe in a threaded
+process), that imports torch and the data modules once, so a worker starts in milliseconds and
+gets its dataset pickled. The server's cost is that one import per rank start (README of
+``bootmae_ds.data.loader`` / the workers note: measured about 1.5 s of CPU and 0.2 GB of RSS, shared
+pages aside). Evaluation loaders start their workers per evaluation; the training loader starts
+its workers once per run (``TrainLoader``: persistent workers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
@@ -25,13 +29,26 @@ PRELOAD = ("torch", "numpy", "PIL.Image", "torchvision.transforms.v2.functional"
            "bootmae_ds.data.labelled")
 
 
+def forkserver_context(*objects: object) -> BaseContext:
+    """The fork server's context. The first call of a process fixes what the server preloads:
+    :data:`PRELOAD` and the modules defining the classes of ``objects`` (what a worker imports to
+    unpickle them); modules of later objects are imported by each worker."""
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet
+        forkserver.set_forkserver_preload(sorted({*PRELOAD, *(type(o).__module__ for o in objects)}))
+    return mp.get_context("forkserver")
+
+
 def eval_worker_context(dataset: object, num_workers: int) -> BaseContext | None:
     """The ``multiprocessing_context`` of an evaluation DataLoader over ``dataset``: the fork server
-    when it has workers, None (the main process reads) when not. The first call of a process fixes
-    what the server preloads: :data:`PRELOAD` and the module defining ``dataset``'s class (what a
-    worker imports to unpickle it); modules of later datasets are imported by each worker."""
-    if not num_workers:
-        return None
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet
-        forkserver.set_forkserver_preload(sorted({*PRELOAD, type(dataset).__module__}))
-    return mp.get_context("forkserver")
+    when it has workers, None (the main process reads) when not."""
+    return forkserver_context(dataset) if num_workers else None
+
+
+def train_worker_context(dataset: object) -> BaseContext:
+    """The fork server's context for a training dataset (a dataclass: its source and transform,
+    often defined by a job's module, are preloaded too), and the server started now: its imports
+    then overlap with the rank's own set-up instead of delaying the first step."""
+    held = [getattr(dataset, f.name) for f in dataclasses.fields(dataset)] if dataclasses.is_dataclass(dataset) else []
+    context = forkserver_context(dataset, *held)
+    forkserver.ensure_running()
+    return context
