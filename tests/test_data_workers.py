@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-import shutil
 import torch
-from data_helpers import loader_config, make_shards
+from data_helpers import loader_config, make_shards, still_running
 
 from bootmae_ds.data import build_train_loader
 from bootmae_ds.data.shards import ShardError
@@ -41,25 +40,14 @@ def _descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+def _worker_pids(loader) -> set[int]:
+    """The pids of ``loader``'s persistent workers (white box: the DataLoader iterator's)."""
+    return {w.pid for w in loader._workers._iterator._workers}
+
+
 def _same(a: dict, b: dict) -> bool:
     return (a["keys"] == b["keys"] and (a["epoch"], a["index"]) == (b["epoch"], b["index"])
             and torch.equal(a["images"], b["images"]) and torch.equal(a["masks"], b["masks"]))
-
-
-def _gone(pids: set[int], wait: float = 15.0) -> set[int]:
-    """Those of ``pids`` still running (zombies count as gone) after up to ``wait`` seconds."""
-    deadline = time.monotonic() + wait
-    while True:
-        alive = set()
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.add(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
 
 
 def test_a_busy_rank_forks_nothing_after_its_first_step_and_resumes_across_epochs(manifest) -> None:
@@ -82,10 +70,11 @@ def test_a_busy_rank_forks_nothing_after_its_first_step_and_resumes_across_epoch
         assert [(b["epoch"], b["index"]) for b in full] == [(e, i) for e in range(3) for i in range(4)]
         assert FORKS[0] - forks == 0, "the loader forked its owner after the first step"
         assert _descendants() - procs == set(), "worker processes were started after the first step"
-        workers = procs - {p.pid for p in psutil.Process().children()}  # the fork server's children
-        assert len(workers) >= 2
+        workers = _worker_pids(loader)
+        assert len(workers) == 2 and workers <= procs
+        assert all(psutil.Process(w).ppid() != os.getpid() for w in workers)  # the fork server's
         loader.close()
-        assert not _gone(workers) & workers
+        assert still_running(workers) == set()
     finally:
         stop.set()
     state = loader.state_dict() | {"epoch": 0, "batches": 3}
@@ -113,23 +102,21 @@ def test_a_failing_stream_ends_its_workers(manifest, tmp_path: Path) -> None:
     shutil.copytree(manifest.path.parent, root)
     loader = build_train_loader(loader_config(root / "manifest.json", workers=2), rank=0, world_size=2)
     assert len(list(loader)) == 4
-    workers = {p.pid for p in psutil.Process().children(recursive=True) if p.ppid() != os.getpid()}
-    workers &= {w.pid for w in loader._workers._iterator._workers}  # this loader's (white box)
-    assert len(workers) == 2
+    workers = _worker_pids(loader)
+    assert len(workers) == 2 and still_running(workers, wait=0) == workers
     for shard in root.glob("*.tar"):
         shard.write_bytes(b"\0" * shard.stat().st_size)  # zeroed: no sample reads
     with pytest.raises(ShardError, match="unreadable"):
         list(loader)
-    assert _gone(workers) == set()
+    assert still_running(workers) == set()
     assert loader._workers is None
 
 
 EXITING = """
-import json, sys
+import json, sys, time
 import psutil
 from data_helpers import loader_config
 from bootmae_ds.data import build_train_loader
-from bootmae_ds.data.shards import ShardError
 
 if __name__ == "__main__":  # workers come from the fork server, which imports this file
     loader = build_train_loader(loader_config(sys.argv[1], workers=2), rank=0, world_size=2)
@@ -137,19 +124,34 @@ if __name__ == "__main__":  # workers come from the fork server, which imports t
         for i, batch in enumerate(loader):
             if epoch == 1 and i == 1:
                 print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
-                raise RuntimeError("a failing step")
+                if sys.argv[2] == "raise":
+                    raise RuntimeError("a failing step")
+                time.sleep(600)  # until killed
 """
 
 
-def test_no_worker_or_fork_server_outlives_a_failed_process(manifest, tmp_path: Path) -> None:
-    """A run that ends by an exception in the middle of an epoch leaves no worker and no fork
-    server behind once its interpreter has exited (a normal end exits the same way)."""
+# Covered in CI by test_data_dist (ranks that end normally: interpreter exit, the same atexit path)
+# and test_faults' kill drill (ranks killed with SIGKILL); this adds an uncaught exception and a
+# lone killed owner, for ~15 s each.
+@pytest.mark.extended
+@pytest.mark.parametrize("end", ["raise", "kill"])
+def test_no_worker_or_fork_server_outlives_its_owner(manifest, tmp_path: Path, end: str) -> None:
+    """A run that fails by an exception, or is killed (SIGKILL), in the middle of an epoch leaves
+    no worker and no fork server behind (before the workers watched their owner, a killed owner
+    left its fork server and workers running for good: each holds the server's alive pipe)."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(EXITING))
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, str(script), str(manifest.path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "a failing step" in proc.stderr, proc.stderr[-2000:]
-    pids = set(json.loads(proc.stdout.splitlines()[-1]))
-    assert len(pids) >= 3  # the fork server and 2 workers (fork: the 2 workers of epoch 1)
-    assert _gone(pids) == set()
+    proc = subprocess.Popen([sys.executable, str(script), str(manifest.path), end], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = set(json.loads(proc.stdout.readline()))
+        assert len(pids) >= 3  # the fork server and 2 workers (fork: the 2 workers of epoch 1)
+        if end == "kill":
+            proc.kill()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == (1 if end == "raise" else -9), err[-2000:]
+    assert end == "kill" or "a failing step" in err
+    assert still_running(pids) == set()

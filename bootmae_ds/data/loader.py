@@ -66,7 +66,7 @@ from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.shards import ShardError
 from bootmae_ds.data.sources import RawSample, Source, open_source
 from bootmae_ds.data.transforms import SampleTransform
-from bootmae_ds.data.workers import train_worker_context
+from bootmae_ds.data.workers import owner_watch, train_worker_context
 
 log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
@@ -435,6 +435,7 @@ class TrainLoader:
                 pin_memory=self.pin_memory,
                 persistent_workers=True,
                 multiprocessing_context=self._context,
+                worker_init_fn=owner_watch(),
                 generator=generator,
             )
             _LIVE.add(self)

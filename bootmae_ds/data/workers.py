@@ -20,7 +20,12 @@ its workers once per run (``TrainLoader``: persistent workers).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing as mp
+import os
+import select
+import threading
+from collections.abc import Callable
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 
@@ -52,3 +57,27 @@ def train_worker_context(dataset: object) -> BaseContext:
     context = forkserver_context(dataset, *held)
     forkserver.ensure_running()
     return context
+
+
+def owner_watch() -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that ends a fork-server worker when the process that started
+    it (this one) ends.
+
+    torch's worker watches its parent, which is the fork server here, and every worker holds the
+    server's "alive" pipe open (multiprocessing lets the server live while any client does): a
+    rank killed with SIGKILL left its server and workers running forever (seen in the kill drill).
+    """
+    return functools.partial(_watch, os.getpid())
+
+
+def _watch(owner: int, worker_id: int) -> None:
+    try:
+        fd = os.pidfd_open(owner)  # Linux >= 5.3; readable once the owner has exited
+    except (AttributeError, OSError):  # elsewhere torch's parent watch is all there is
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os._exit(1)  # nobody is left to hand batches to, or to shut this worker down
+
+    threading.Thread(target=wait, name="owner-watch", daemon=True).start()
