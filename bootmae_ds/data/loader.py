@@ -389,27 +389,23 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.batches >= len(self):
             self.epoch, self.batches = self.epoch + 1, 0
-        try:
-            for batch in self._epoch():
-                if batch["index"] != self.batches:  # guards the round-robin assumption
-                    raise RuntimeError(
-                        f"loader out of order: got micro-batch {batch['index']}, "
-                        f"expected {self.batches}"
-                    )
-                self.batches += 1
-                self.stats["batches"] += 1
-                self.stats["corrupt"] += batch["corrupt"]
-                self.stats["filled"] += batch["filled"]
-                for name in batch["damaged_shards"]:  # each worker names a shard once per epoch
-                    if name not in self.stats["damaged_shards"]:
-                        self.stats["damaged_shards"].append(name)
-                        log.warning("damaged shard %s: its unreadable samples are replaced and "
-                                    "counted; check it with `python data_prep/verify_shards.py` "
-                                    "and rebuild it", name)
-                yield batch
-        except Exception:
-            self.close()  # a failed stream is not continued: its workers must not outlive it
-            raise
+        for batch in self._epoch():
+            if batch["index"] != self.batches:  # guards the round-robin assumption
+                raise RuntimeError(
+                    f"loader out of order: got micro-batch {batch['index']}, "
+                    f"expected {self.batches}"
+                )
+            self.batches += 1
+            self.stats["batches"] += 1
+            self.stats["corrupt"] += batch["corrupt"]
+            self.stats["filled"] += batch["filled"]
+            for name in batch["damaged_shards"]:  # each worker names a shard once per epoch
+                if name not in self.stats["damaged_shards"]:
+                    self.stats["damaged_shards"].append(name)
+                    log.warning("damaged shard %s: its unreadable samples are replaced and "
+                                "counted; check it with `python data_prep/verify_shards.py` "
+                                "and rebuild it", name)
+            yield batch
         self.epoch, self.batches = self.epoch + 1, 0
 
     def _epoch(self) -> Iterator[Batch]:
@@ -422,8 +418,9 @@ class TrainLoader:
         generator = torch.Generator().manual_seed(seed % 2**63)
         if not self.num_workers:  # read in this process: a plain per-epoch DataLoader, no process
             dataset = dataclasses.replace(self.dataset, epoch=self.epoch, start=self.batches)
-            return iter(DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=self.pin_memory,
-                                   generator=generator))
+            yield from DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=self.pin_memory,
+                                  generator=generator)
+            return
         if self._workers is None:
             # Started once, at the first epoch, from the fork server: a rank with threads is never
             # forked (CPython 3.11 can leave such a child stuck in PyOS_AfterFork_Child).
@@ -442,7 +439,11 @@ class TrainLoader:
         # Written before iter(): starting the workers, or sending them the resume message that
         # makes each one re-read it (and drop whatever an abandoned epoch left in flight).
         self._workers.dataset.position[:] = [self.epoch, self.batches]  # type: ignore[attr-defined]
-        return iter(self._workers)
+        try:
+            yield from self._workers
+        except Exception:
+            self.close()  # a failed stream is not continued: its workers must not outlive it
+            raise
 
     def close(self) -> None:
         """End the workers and join their queue threads (the end of the run; also done at

@@ -9,12 +9,16 @@ in a segmentation evaluation at an epoch boundary and in a segmentation run's tr
 the start of its 7th epoch (it forked its workers at every epoch start then).
 
 Workers are therefore forked from the fork server: one single-threaded process per rank, started
-by fork+exec (``_posixsubprocess``, which runs no Python in the child, hence safe in a threaded
-process), that imports torch and the data modules once, so a worker starts in milliseconds and
-gets its dataset pickled. The server's cost is that one import per rank start (README of
-``bootmae_ds.data.loader`` / the workers note: measured about 1.5 s of CPU and 0.2 GB of RSS, shared
-pages aside). Evaluation loaders start their workers per evaluation; the training loader starts
-its workers once per run (``TrainLoader``: persistent workers).
+by fork+exec (``_posixsubprocess``: no Python runs in the child before the exec, so this is safe in
+a threaded process), that imports torch and the data modules once; a worker then starts in
+milliseconds and gets its dataset pickled. Evaluation loaders start their workers per evaluation;
+the training loader starts its workers once per run (``TrainLoader``: persistent workers) and starts
+the server when it is built, so that its imports overlap the rank's own set-up. The server costs
+a rank one such import per start: measured 2.8 s of CPU and about 165 MB (PSS; RSS 690 MB, mostly
+torch's shared libraries) on a shared 2-core machine (``python bench/worker_start.py``).
+
+A script that builds a loader with workers must keep its work under ``if __name__ ==
+"__main__":``, as with any ``spawn``/``forkserver`` start: each worker imports the main module.
 """
 
 from __future__ import annotations
