@@ -81,7 +81,9 @@ def _watch(owner: int, worker_id: int) -> None:
         return
 
     def wait() -> None:
-        select.select([fd], [], [])
+        watch = select.poll()  # poll, not select: any fd number
+        watch.register(fd, select.POLLIN)
+        watch.poll()
         os._exit(1)  # nobody is left to hand batches to, or to shut this worker down
 
     threading.Thread(target=wait, name="owner-watch", daemon=True).start()
