@@ -55,7 +55,8 @@ def test_a_busy_rank_forks_nothing_after_its_first_step_and_resumes_across_epoch
     tracker writer and process group): after the first batch the owner takes no fork and no new
     process appears (the per-epoch DataLoader forked 2 workers per epoch here); a loader resumed
     in the middle of epoch 0, or abandoned mid-epoch and iterated again, yields the uninterrupted
-    batches bitwise across both epoch boundaries; ``close()`` ends the workers."""
+    batches bitwise across both epoch boundaries; ``close()`` ends the workers and joins their
+    queue threads."""
     cfg = loader_config(manifest.path, workers=2)
     stop = threading.Event()
     busy = threading.Thread(target=stop.wait, daemon=True)
@@ -73,8 +74,11 @@ def test_a_busy_rank_forks_nothing_after_its_first_step_and_resumes_across_epoch
         workers = _worker_pids(loader)
         assert len(workers) == 2 and workers <= procs
         assert all(psutil.Process(w).ppid() != os.getpid() for w in workers)  # the fork server's
+        feeders = [q._thread for q in loader._workers._iterator._index_queues if q._thread is not None]
+        assert feeders and all(t.is_alive() for t in feeders)  # kept across epochs, as the workers
         loader.close()
         assert still_running(workers) == set()
+        assert not any(t.is_alive() for t in feeders)  # joined: nothing left exiting
     finally:
         stop.set()
     state = loader.state_dict() | {"epoch": 0, "batches": 3}
