@@ -55,7 +55,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -454,7 +454,7 @@ class TrainLoader:
             _shut_down(workers._iterator)
             workers._iterator = None
 
-    def __enter__(self) -> TrainLoader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
