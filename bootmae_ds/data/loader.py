@@ -49,11 +49,9 @@ ImageFolder directory, or ``synthetic``. See ``bootmae_ds.data.plan`` for the sa
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Self
 
@@ -66,7 +64,13 @@ from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.shards import ShardError
 from bootmae_ds.data.sources import RawSample, Source, open_source
 from bootmae_ds.data.transforms import SampleTransform
-from bootmae_ds.data.workers import owner_watch, train_worker_context
+from bootmae_ds.data.workers import (
+    Positioned,
+    close_at_exit,
+    owner_watch,
+    shut_down,
+    train_worker_context,
+)
 
 log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
@@ -281,47 +285,7 @@ def iterate_and_join(loader: DataLoader) -> Iterator[Any]:
     try:
         yield from it
     finally:
-        _shut_down(it)
-
-
-def _shut_down(it: Iterator[Any]) -> None:
-    """Stop a DataLoader iterator's workers and join its index queues' feeder threads."""
-    shutdown = getattr(it, "_shutdown_workers", None)  # multiprocess iterators only
-    if shutdown is not None:
-        shutdown()
-        for queue in getattr(it, "_index_queues", []):
-            thread = getattr(queue, "_thread", None)
-            if thread is not None:
-                thread.join(timeout=30)
-
-
-@dataclasses.dataclass
-class _Positioned(IterableDataset):
-    """The dataset as the persistent workers hold it: every iteration reads its epoch and start
-    micro-batch from ``position``, shared memory the loader writes before it starts the epoch.
-
-    Why shared memory: a persistent worker holds its own copy of the dataset (unpickled once), so
-    the main process cannot change it, and an IterableDataset gets no per-epoch argument (the
-    index a worker receives is always None). The DataLoader re-creates each worker's iterator
-    only after the worker has taken the epoch's resume message from its queue, and the loader
-    writes the position before it sends that message, so each epoch reads the right values; a
-    shared array is the whole channel, with no extra process or protocol to keep alive."""
-
-    dataset: Any  # StreamingDataset or any dataclass with ``epoch`` and ``start`` fields
-    position: Any  # multiprocessing RawArray("q", 2): [epoch, start]
-
-    def __post_init__(self) -> None:
-        super().__init__()
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch, start = self.position[0], self.position[1]  # read now, not at the first next()
-        return iter(dataclasses.replace(self.dataset, epoch=epoch, start=start))
-
-
-# Loaders whose workers are running, closed at interpreter exit. Registered after torch's own
-# exit hook, so it runs first, while torch still shuts workers down in order.
-_LIVE: weakref.WeakSet[TrainLoader] = weakref.WeakSet()
-atexit.register(lambda: [loader.close() for loader in list(_LIVE)])
+        shut_down(it)
 
 
 class TrainLoader:
@@ -426,7 +390,7 @@ class TrainLoader:
             # forked (CPython 3.11 can leave such a child stuck in PyOS_AfterFork_Child).
             position = self._context.RawArray("q", 2)  # type: ignore[union-attr]
             self._workers = DataLoader(
-                _Positioned(self.dataset, position),
+                Positioned(self.dataset, position),
                 batch_size=None,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
@@ -435,7 +399,7 @@ class TrainLoader:
                 worker_init_fn=owner_watch(),
                 generator=generator,
             )
-            _LIVE.add(self)
+            close_at_exit.add(self)
         # Written before iter(): starting the workers, or sending them the resume message that
         # makes each one re-read it (and drop whatever an abandoned epoch left in flight).
         self._workers.dataset.position[:] = [self.epoch, self.batches]  # type: ignore[attr-defined]
@@ -449,9 +413,9 @@ class TrainLoader:
         """End the workers and join their queue threads (the end of the run; also done at
         interpreter exit). Iterating again afterwards starts new workers."""
         workers, self._workers = self._workers, None
-        _LIVE.discard(self)
+        close_at_exit.discard(self)
         if workers is not None and workers._iterator is not None:
-            _shut_down(workers._iterator)
+            shut_down(workers._iterator)
             workers._iterator = None
 
     def __enter__(self) -> Self:

@@ -23,15 +23,20 @@ A script that builds a loader with workers must keep its work under ``if __name_
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import multiprocessing as mp
 import os
 import select
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
+from typing import Any
+
+from torch.utils.data import IterableDataset
 
 # Imported once by the fork server, hence by every worker before it unpickles its dataset.
 PRELOAD = ("torch", "numpy", "PIL.Image", "torchvision.transforms.v2.functional", "bootmae_ds.data.loader",
@@ -87,3 +92,44 @@ def _watch(owner: int, worker_id: int) -> None:
         os._exit(1)  # nobody is left to hand batches to, or to shut this worker down
 
     threading.Thread(target=wait, name="owner-watch", daemon=True).start()
+
+
+def shut_down(it: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's workers and join its index queues' feeder threads."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # multiprocess iterators only
+    if shutdown is not None:
+        shutdown()
+        for queue in getattr(it, "_index_queues", []):
+            thread = getattr(queue, "_thread", None)
+            if thread is not None:
+                thread.join(timeout=30)
+
+
+@dataclasses.dataclass
+class Positioned(IterableDataset):
+    """The dataset as the persistent workers hold it: every iteration reads its epoch and start
+    micro-batch from ``position``, shared memory the loader writes before it starts the epoch.
+
+    Why shared memory: a persistent worker holds its own copy of the dataset (unpickled once), so
+    the main process cannot change it, and an IterableDataset gets no per-epoch argument (the
+    index a worker receives is always None). The DataLoader re-creates each worker's iterator
+    only after the worker has taken the epoch's resume message from its queue, and the loader
+    writes the position before it sends that message, so each epoch reads the right values; a
+    shared array is the whole channel, with no extra process or protocol to keep alive."""
+
+    dataset: Any  # StreamingDataset or any dataclass with ``epoch`` and ``start`` fields
+    position: Any  # multiprocessing RawArray("q", 2): [epoch, start]
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, start = self.position[0], self.position[1]  # read now, not at the first next()
+        return iter(dataclasses.replace(self.dataset, epoch=epoch, start=start))
+
+
+# Loaders whose workers are running, closed at interpreter exit. Registered after torch's own
+# exit hook (torch.utils.data is imported above), so it runs first, while torch still shuts
+# workers down in order.
+close_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()  # of objects with close()
+atexit.register(lambda: [loader.close() for loader in list(close_at_exit)])
