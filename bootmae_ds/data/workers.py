@@ -14,8 +14,8 @@ a threaded process), that imports torch and the data modules once; a worker then
 milliseconds and gets its dataset pickled. Evaluation loaders start their workers per evaluation;
 the training loader starts its workers once per run (``TrainLoader``: persistent workers) and starts
 the server when it is built, so that its imports overlap the rank's own set-up. The server costs
-a rank one such import per start: measured 2.8 s of CPU and about 165 MB (PSS; RSS 690 MB, mostly
-torch's shared libraries) on a shared 2-core machine (``python bench/worker_start.py``).
+a rank one such import per start: measured 2.8-2.9 s of CPU, USS 13 MB, PSS 164-283 MB (RSS 688 MB,
+mostly torch's shared libraries) on a shared 2-core machine (``python bench/worker_start.py``).
 
 A script that builds a loader with workers must keep its work under ``if __name__ ==
 "__main__":``, as with any ``spawn``/``forkserver`` start: each worker imports the main module.
