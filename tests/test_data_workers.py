@@ -136,7 +136,7 @@ if __name__ == "__main__":  # workers come from the fork server, which imports t
 
 # Covered in CI by test_data_dist (ranks that end normally: interpreter exit, the same atexit path)
 # and test_faults' kill drill (ranks killed with SIGKILL); this adds an uncaught exception and a
-# lone killed owner, for ~15 s each.
+# lone killed owner, for ~8 s each (idle 2-core machine).
 @pytest.mark.extended
 @pytest.mark.parametrize("end", ["raise", "kill"])
 def test_no_worker_or_fork_server_outlives_its_owner(manifest, tmp_path: Path, end: str) -> None:
