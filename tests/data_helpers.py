@@ -1,9 +1,12 @@
-"""Shared helpers of the data tests: small JPEG trees, shard builds and loader configs."""
+"""Shared helpers of the data tests: small JPEG trees, shard builds, loader configs and process checks."""
 
 from __future__ import annotations
 
 import tarfile
+import time
 from pathlib import Path
+
+import psutil
 
 from bootmae_ds.config import BootMAEConfig, load_config
 from bootmae_ds.data.builder import BuildOptions, build_shards
@@ -40,3 +43,19 @@ def member_offsets(path: Path) -> list[tuple[str, int, int]]:
     """(name, header offset, data offset) of every member of a tar."""
     with tarfile.open(path) as tar:
         return [(m.name, m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+def still_running(pids: set[int], wait: float = 15.0) -> set[int]:
+    """Those of ``pids`` still running (zombies count as ended) after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = set()
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.add(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)

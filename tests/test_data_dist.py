@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from data_helpers import make_shards
+from data_helpers import make_shards, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +44,7 @@ def test_deepspeed_ranks_get_equal_disjoint_batches(tmp_path: Path) -> None:
         assert len(a) == len(set(a)) == 28 and len(b) == len(set(b)) == 28
         assert not set(a) & set(b)
     assert ranks[0]["keys"][0] != ranks[0]["keys"][1]
+    # each rank: a fork server and its 2 x 2 persistent workers (two loaders), none left running
+    started = {pid for r in ranks for pid in r["started"]}
+    assert all(len(r["started"]) >= 5 for r in ranks), ranks
+    assert still_running(started) == set()

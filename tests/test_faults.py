@@ -213,6 +213,14 @@ def _half_written(ckpts: Path, step: int) -> bool:
     return tag.is_dir() and any(tag.glob("*.pt")) and not (tag / ckpt.MANIFEST).exists()
 
 
+def _alive(p: psutil.Process) -> bool:
+    """Still running: not ended, not a zombie, and its pid not taken by a later process."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _shm_buffers() -> set[str]:
     return {f for f in os.listdir("/dev/shm") if f.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_")}
 
@@ -228,6 +236,7 @@ def test_ranks_killed_at_random_moments_resume_to_the_same_losses(tmp_path) -> N
     first = rng.randint(4, 8)
     in_save = 3 * rng.randint(first // 3 + 1, first // 3 + 3)
     plan = [("step", first), ("save", in_save)]
+    started: list[psutil.Process] = []  # every process of the killed runs: ranks, fork servers, workers
     for kind, at in plan:
         proc = _start(out, *(["debug.slow_save_s=2"] if kind == "save" else []))
         try:
@@ -239,6 +248,7 @@ def test_ranks_killed_at_random_moments_resume_to_the_same_losses(tmp_path) -> N
                 time.sleep(0.05)
             assert proc.poll() is None, f"the run ended before the {kind} kill at {at}"
             assert kind == "step" or _half_written(ckpts, at)  # the kill lands inside the save
+            started += psutil.Process(proc.pid).children(recursive=True)
             rng.choice(_ranks(proc)).send_signal(signal.SIGKILL)
             proc.communicate(timeout=120)
         finally:
@@ -259,5 +269,5 @@ def test_ranks_killed_at_random_moments_resume_to_the_same_losses(tmp_path) -> N
     _same_losses(killed_rows, _last_per_step(_rows(reference)), range(1, KILL_STEPS + 1))
     # nothing left behind: no process of the killed run, no DeepSpeed shared-memory buffer
     left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
-    assert left == []
+    assert left == [] and [p for p in started if _alive(p)] == []
     assert _shm_buffers() <= shm_before

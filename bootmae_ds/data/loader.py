@@ -23,6 +23,12 @@ with a different world size, worker count, batch size, dataset size or seed is r
 sample layout is a function of all of them (resume those at an epoch boundary, with
 ``state=None`` and ``loader.epoch`` set, or keep them unchanged).
 
+Workers (``data.num_workers`` > 0) start once per run, at the first iteration, from the fork
+server of ``bootmae_ds.data.workers`` (never a fork of the rank, which has threads by then) and
+stay for every epoch; each epoch's number and start are handed to the live workers.
+``loader.close()`` ends them (it also runs at interpreter exit, and when the loader's own
+iteration fails).
+
 Rank and world size are explicit arguments: workers never look at ``torch.distributed`` or the
 environment, which spawned workers cannot see reliably. Iterate the loader yourself; do not hand
 it to ``deepspeed.initialize(training_data=...)``, which would wrap it in a DistributedSampler.
@@ -49,7 +55,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -61,6 +67,13 @@ from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.shards import ShardError
 from bootmae_ds.data.sources import RawSample, Source
 from bootmae_ds.data.transforms import SampleTransform
+from bootmae_ds.data.workers import (
+    Positioned,
+    close_at_exit,
+    owner_watch,
+    shut_down,
+    train_worker_context,
+)
 
 log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
@@ -266,13 +279,7 @@ def iterate_and_join(loader: DataLoader) -> Iterator[Any]:
     try:
         yield from it
     finally:
-        shutdown = getattr(it, "_shutdown_workers", None)  # multiprocess iterators only
-        if shutdown is not None:
-            shutdown()
-            for queue in getattr(it, "_index_queues", []):
-                thread = getattr(queue, "_thread", None)
-                if thread is not None:
-                    thread.join(timeout=30)
+        shut_down(it)
 
 
 class TrainLoader:
@@ -291,6 +298,8 @@ class TrainLoader:
         self.stats: dict[str, Any] = {"corrupt": 0, "filled": 0, "batches": 0, "damaged_shards": []}
         if state is not None:
             self.load_state_dict(state)
+        self._workers: DataLoader | None = None  # the persistent workers' DataLoader, once started
+        self._context = train_worker_context(dataset) if num_workers else None
 
     def __len__(self) -> int:
         """Micro-batches per epoch on this rank (the same on every rank)."""
@@ -338,20 +347,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.batches >= len(self):
             self.epoch, self.batches = self.epoch + 1, 0
-        dataset = dataclasses.replace(self.dataset, epoch=self.epoch, start=self.batches)
-        # Each DataLoader iterator draws its workers' base seed from `generator`, by default the
-        # global torch RNG: a private one keeps the trainer's RNG stream the same whether or not
-        # the run was resumed (the workers themselves use per-sample RNGs only).
-        seed = mix_seed(dataset.seed, "dataloader", dataset.rank, self.epoch, self.batches)
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(seed % 2**63),
-        )
-        for batch in iterate_and_join(loader):
+        for batch in self._epoch():
             if batch["index"] != self.batches:  # guards the round-robin assumption
                 raise RuntimeError(
                     f"loader out of order: got micro-batch {batch['index']}, "
@@ -369,6 +365,58 @@ class TrainLoader:
                                 "and rebuild it", name)
             yield batch
         self.epoch, self.batches = self.epoch + 1, 0
+
+    def _epoch(self) -> Iterator[Batch]:
+        """This epoch's micro-batches from ``self.batches`` on."""
+        # Each DataLoader iterator draws its workers' base seed (and, per epoch, a shared seed)
+        # from `generator`, by default the global torch RNG: a private one keeps the trainer's RNG
+        # stream the same whether or not the run was resumed (the workers themselves use
+        # per-sample RNGs only, so their global seeds do not matter).
+        seed = mix_seed(self.dataset.seed, "dataloader", self.dataset.rank, self.epoch, self.batches)
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        if not self.num_workers:  # read in this process: a plain per-epoch DataLoader, no process
+            dataset = dataclasses.replace(self.dataset, epoch=self.epoch, start=self.batches)
+            yield from DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=self.pin_memory,
+                                  generator=generator)
+            return
+        if self._workers is None:
+            # Started once, at the first epoch, from the fork server: a rank with threads is never
+            # forked (CPython 3.11 can leave such a child stuck in PyOS_AfterFork_Child).
+            position = self._context.RawArray("q", 2)  # type: ignore[union-attr]
+            self._workers = DataLoader(
+                Positioned(self.dataset, position),
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=True,
+                multiprocessing_context=self._context,
+                worker_init_fn=owner_watch(),
+                generator=generator,
+            )
+            close_at_exit.add(self)
+        # Written before iter(): starting the workers, or sending them the resume message that
+        # makes each one re-read it (and drop whatever an abandoned epoch left in flight).
+        self._workers.dataset.position[:] = [self.epoch, self.batches]  # type: ignore[attr-defined]
+        try:
+            yield from self._workers
+        except Exception:
+            self.close()  # a failed stream is not continued: its workers must not outlive it
+            raise
+
+    def close(self) -> None:
+        """End the workers and join their queue threads (the end of the run; also done at
+        interpreter exit). Iterating again afterwards starts new workers."""
+        workers, self._workers = self._workers, None
+        close_at_exit.discard(self)
+        if workers is not None and workers._iterator is not None:
+            shut_down(workers._iterator)
+            workers._iterator = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def build_train_loader(

@@ -1,5 +1,7 @@
 """Run under ``DS_ACCELERATOR=cpu deepspeed --num_gpus 2``: each rank streams two epochs of the
-loader, checks a mid-epoch rebuild in place, and rank 0 writes every rank's keys to OUT/result.json.
+loader, checks a mid-epoch rebuild in place, and rank 0 writes every rank's keys (and the processes
+each rank started: its fork server and loader workers, which must not outlive it) to
+OUT/result.json.
 
     python tests/dist_scripts/data_ranks.py MANIFEST OUT
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -45,7 +48,8 @@ def main() -> None:
     counts = torch.tensor([len(e) for e in epochs])
     gathered = [torch.zeros_like(counts) for _ in range(world)]
     dist.all_gather(gathered, counts)
-    mine = {"rank": rank, "counts": counts.tolist(), "resume_ok": same,
+    started = [p.pid for p in psutil.Process().children(recursive=True)]
+    mine = {"rank": rank, "counts": counts.tolist(), "resume_ok": same, "started": started,
             "keys": [[k for b in e for k in b["keys"]] for e in epochs]}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
