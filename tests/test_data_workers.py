@@ -159,3 +159,39 @@ def test_no_worker_or_fork_server_outlives_its_owner(manifest, tmp_path: Path, e
     assert proc.returncode == (1 if end == "raise" else -9), err[-2000:]
     assert end == "kill" or "a failing step" in err
     assert still_running(pids) == set()
+
+
+EVALUATING = """
+import json, sys, time
+import psutil
+from data_helpers import loader_config
+from bootmae_ds.data.labelled import eval_batches, open_eval_source
+
+if __name__ == "__main__":
+    source = open_eval_source(sys.argv[1], loader_config(sys.argv[1], workers=2))
+    for i, batch in enumerate(eval_batches(source, 32, 1.0, 0, 1, 4, None, 2)):
+        print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
+        time.sleep(600)  # until killed
+"""
+
+
+# The evaluation loaders start their workers through data.workers.eval_worker_options, the same
+# owner watch as the training loader's (covered above): ~8 s (idle 2-core machine).
+@pytest.mark.extended
+def test_no_evaluation_worker_outlives_a_killed_rank(manifest, tmp_path: Path) -> None:
+    """A rank killed (SIGKILL) in the middle of an evaluation leaves no evaluation worker and no
+    fork server behind."""
+    script = tmp_path / "evaluate.py"
+    script.write_text(textwrap.dedent(EVALUATING))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(script), str(manifest.path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = set(json.loads(proc.stdout.readline()))
+        assert len(pids) >= 3, proc.stderr.read()[-2000:]  # the fork server and 2 workers
+        proc.kill()
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -9
+    assert still_running(pids) == set()

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .coco import CocoError, CocoSplit, read_sample
 from .loader import TrainLoader
 from .seeds import mix_seed
-from .workers import eval_worker_context
+from .workers import eval_worker_options
 
 log = logging.getLogger("bootmae_ds.data")
 Batch = dict[str, Any]
@@ -174,5 +174,5 @@ def eval_batches(split: CocoSplit, rank: int, world_size: int, batch_size: int, 
     # a private generator: the global RNG (drop path, proposal sampling) must not see an evaluation
     loader = DataLoader(share, batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
-                        multiprocessing_context=eval_worker_context(share, workers))
+                        **eval_worker_options(share, workers))
     yield from iterate_and_join(loader)

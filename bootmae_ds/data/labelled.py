@@ -29,7 +29,7 @@ from bootmae_ds.data.loader import iterate_and_join
 from bootmae_ds.data.seeds import mix_seed
 from bootmae_ds.data.sources import Source
 from bootmae_ds.data.transforms import decode_rgb
-from bootmae_ds.data.workers import eval_worker_context
+from bootmae_ds.data.workers import eval_worker_options
 
 
 @contextmanager
@@ -223,5 +223,5 @@ def eval_batches(source: Source, size: int, crop_pct: float, rank: int, world: i
     # A private generator: worker seeds must not come from (and advance) the training RNG.
     loader = DataLoader(share, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(rank),
-                        multiprocessing_context=eval_worker_context(share, num_workers))
+                        **eval_worker_options(share, num_workers))
     return iterate_and_join(loader)

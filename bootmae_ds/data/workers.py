@@ -52,10 +52,13 @@ def forkserver_context(*objects: object) -> BaseContext:
     return mp.get_context("forkserver")
 
 
-def eval_worker_context(dataset: object, num_workers: int) -> BaseContext | None:
-    """The ``multiprocessing_context`` of an evaluation DataLoader over ``dataset``: the fork server
-    when it has workers, None (the main process reads) when not."""
-    return forkserver_context(dataset) if num_workers else None
+def eval_worker_options(dataset: object, num_workers: int) -> dict[str, Any]:
+    """The DataLoader arguments that start an evaluation loader's workers over ``dataset``: from
+    the fork server, each ending with this rank (:func:`owner_watch`); none when the main process
+    reads (no workers)."""
+    if not num_workers:
+        return {}
+    return {"multiprocessing_context": forkserver_context(dataset), "worker_init_fn": owner_watch()}
 
 
 def train_worker_context(dataset: object) -> BaseContext:

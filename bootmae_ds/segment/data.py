@@ -36,7 +36,7 @@ from ..data.segmentation import SegmentationDataError, decode_label, open_segmen
 from ..data.shards import ShardError
 from ..data.sources import Source
 from ..data.transforms import decode_rgb
-from ..data.workers import eval_worker_context
+from ..data.workers import eval_worker_options
 from .augment import photometric_distortion
 
 PAD = -1  # label of padded pixels (int16 label maps), told apart from ignored ones until the device
@@ -275,7 +275,7 @@ def eval_samples(source: Source, cfg: SegmentConfig, rank: int, world: int, num_
     unreadable sample or a label beyond the classes raises with the sample's name."""
     share = SegEvalShare(source, cfg, rank, world, cfg.data.val_limit)
     loader = DataLoader(share, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(rank),
-                        multiprocessing_context=eval_worker_context(share, num_workers))
+                        **eval_worker_options(share, num_workers))
     K, ignore = cfg.model.num_classes, cfg.data.ignore_index
     for sample in iterate_and_join(loader):
         if "error" in sample:
