@@ -266,3 +266,19 @@ def test_a_wheel_set_for_another_python_is_refused_and_a_failed_install_comes_ba
     proc, report = _install(tmp_path, broken)
     assert proc.returncode == 2 and report["status"] == "install_failed"
     assert report["error"].startswith("pip install: ") and "broken-1.0-py3-none-any.whl" in report["error"], report
+    # a set too large to travel (opencv-python-headless alone is 64 MB): refused, naming the largest
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "opencv_python_headless-5.1.0.95-cp37-abi3-manylinux_2_28_x86_64.whl", "wb") as f:
+        f.truncate(61 * 2**20)  # sparse: no 61 MiB written
+    (big / "pydantic-2.13.4-py3-none-any.whl").write_bytes(b"")
+    proc, report = _install(tmp_path, big)
+    assert proc.returncode == 2 and report["status"] == "install_failed", proc.stderr
+    assert "61.0 MiB" in report["error"] and "opencv_python_headless" in report["error"] and "BASE" in report["error"]
+
+
+def test_the_wheel_set_leaves_out_what_the_device_image_has() -> None:
+    from wheels import carried
+
+    names = carried("3.12")
+    assert "opencv-python-headless" not in names and "deepspeed" in names and "pydantic" in names

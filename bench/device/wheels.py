@@ -1,7 +1,7 @@
 """Which packages the lent GPU machine lacks for the device run, and their wheels for its Python.
 
-The device machine has Python, torch, torchvision, timm, numpy and pytest and what they require
-(the *base set*), and no package registry. Everything else the run imports travels as wheels in
+The device machine has Python, torch, torchvision, timm, numpy, pytest, opencv-python-headless and
+what they require (the *base set*), and no package registry. Everything else the run imports travels as wheels in
 ``.whl/``. The list is derived, not written by hand, from the metadata of the packages installed
 here (the versions the tests ran):
 
@@ -38,7 +38,11 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ("torch", "torchvision", "timm", "numpy", "pytest")
+# opencv-python-headless (segmentation's resize) is in the device image too (device/KINDS.md's package
+# list, read 2026-11-17): its wheel alone is 64 MB, the whole of what a device call may carry.
+BASE = ("torch", "torchvision", "timm", "numpy", "pytest", "opencv-python-headless")
+# The working tree, wheels included, travels to the device within 64 MiB (device/README.md, Limits).
+MAX_WHEEL_BYTES = 32 * 2**20
 # Dependencies of the project that the device run does not import: trackers are off there, and the
 # bundled demo data (scikit-learn's digits) is not used.
 NOT_ON_DEVICE = {"tensorboard", "scikit-learn"}
@@ -75,10 +79,18 @@ def mismatched(wheels: list[Path], python: str) -> list[str]:
 
 
 def check(folder: Path, python: str) -> None:
-    """Refuse a wheel set that is not for ``python``, naming the wheels and what to do."""
-    if bad := mismatched(sorted(folder.glob("*.whl")), python):
+    """Refuse a wheel set that is not for ``python``, or too large to travel with the working tree,
+    naming the wheels and what to do."""
+    wheels = sorted(folder.glob("*.whl"))
+    if bad := mismatched(wheels, python):
         raise SystemExit(f"error: {len(bad)} wheel(s) in {folder} are not for Python {python}: {'; '.join(bad)}. "
                          f"Make the set for it: bash bench/device/prepare.sh --python {python} --out DIR")
+    sizes = {w.name: w.stat().st_size for w in wheels}
+    if sum(sizes.values()) > MAX_WHEEL_BYTES:
+        largest = ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for n, b in sorted(sizes.items(), key=lambda x: -x[1])[:3])
+        raise SystemExit(f"error: the wheels in {folder} take {sum(sizes.values()) / 2**20:.1f} MiB, over the "
+                         f"{MAX_WHEEL_BYTES / 2**20:.0f} MiB they may take of the device call's 64 MiB (largest: "
+                         f"{largest}). A package the device image already has belongs in wheels.BASE.")
 
 
 def marker_env(python: str) -> dict[str, str]:
