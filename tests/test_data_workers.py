@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -195,3 +197,26 @@ def test_no_evaluation_worker_outlives_a_killed_rank(manifest, tmp_path: Path) -
         proc.kill()
     assert proc.returncode == -9
     assert still_running(pids) == set()
+
+
+def test_workers_and_their_fork_server_leave_the_preemption_signals_to_their_rank(manifest) -> None:
+    """SLURM sends a job step's SIGUSR1 / SIGTERM to every process of the step: the fork server and
+    the workers ignore both (a fork-server worker died of them, and its rank then failed instead of
+    saving a checkpoint), the rank's own handlers stay as they were, and the epoch reads on whole."""
+    from multiprocessing import forkserver
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with build_train_loader(loader_config(manifest.path, workers=2), rank=0, world_size=2) as loader:
+        it = iter(loader)
+        first = next(it)
+        server = forkserver._forkserver._forkserver_pid
+        targets = _worker_pids(loader) | {server}
+        assert len(targets) == 3
+        for pid in targets:
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in targets)
+        rest = list(it)
+    assert [b["index"] for b in [first, *rest]] == list(range(len(loader)))
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -29,6 +29,7 @@ import functools
 import multiprocessing as mp
 import os
 import select
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,13 +44,36 @@ PRELOAD = ("torch", "numpy", "PIL.Image", "torchvision.transforms.v2.functional"
            "bootmae_ds.data.labelled")
 
 
+# The signals that ask a rank to checkpoint and stop (runtime.run.Preemption). SLURM sends them to
+# every process of a job step, workers included: a forked worker shared its rank's handler, but a
+# fork-server worker is a fresh interpreter, where either signal's default action ends it, and the
+# rank then fails on a dead worker instead of saving (seen in the SLURM preemption test). The
+# server (a disposition its exec keeps) and its workers (owner_watch) ignore them: they end with
+# their rank.
+RANK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def forkserver_context(*objects: object) -> BaseContext:
-    """The fork server's context. The first call of a process fixes what the server preloads:
-    :data:`PRELOAD` and the modules defining the classes of ``objects`` (what a worker imports to
-    unpickle them); modules of later objects are imported by each worker."""
+    """The fork server's context, the server started. The first call of a process fixes what the
+    server preloads: :data:`PRELOAD` and the modules defining the classes of ``objects`` (what a
+    worker imports to unpickle them); modules of later objects are imported by each worker."""
     if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet
         forkserver.set_forkserver_preload(sorted({*PRELOAD, *(type(o).__module__ for o in objects)}))
+        _start_server()
     return mp.get_context("forkserver")
+
+
+def _start_server() -> None:
+    """Start the fork server with :data:`RANK_SIGNALS` ignored (inherited by every worker)."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal needs the main thread
+        forkserver.ensure_running()
+        return
+    kept = {sig: signal.signal(sig, signal.SIG_IGN) for sig in RANK_SIGNALS}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
 
 
 def eval_worker_options(dataset: object, num_workers: int) -> dict[str, Any]:
@@ -67,13 +91,15 @@ def train_worker_context(dataset: object) -> BaseContext:
     then overlap with the rank's own set-up instead of delaying the first step."""
     held = [getattr(dataset, f.name) for f in dataclasses.fields(dataset)] if dataclasses.is_dataclass(dataset) else []
     context = forkserver_context(dataset, *held)
-    forkserver.ensure_running()
+    _start_server()  # a no-op when it runs; started again (signals ignored) if it died
     return context
 
 
 def owner_watch() -> Callable[[int], None]:
     """A DataLoader ``worker_init_fn`` that ends a fork-server worker when the process that started
-    it (this one) ends.
+    it (this one) ends, and leaves :data:`RANK_SIGNALS` to that process (torch's worker loop has
+    just installed a SIGTERM handler that ends the worker when anyone but its parent, here the fork
+    server, sends it).
 
     torch's worker watches its parent, which is the fork server here, and every worker holds the
     server's "alive" pipe open (multiprocessing lets the server live while any client does): a
@@ -83,6 +109,8 @@ def owner_watch() -> Callable[[int], None]:
 
 
 def _watch(owner: int, worker_id: int) -> None:
+    for sig in RANK_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         fd = os.pidfd_open(owner)  # Linux >= 5.3; readable once the owner has exited
     except (AttributeError, OSError):  # elsewhere torch's parent watch is all there is
