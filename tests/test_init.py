@@ -49,7 +49,8 @@ OFFICIAL_DEMO = [  # the demo encoder with the official decoders (the feature pr
     "model.depth=2", "model.pixel_decoder.depth=2", "model.pixel_decoder.context=true",
     "model.pixel_decoder.context_block=0", "model.pixel_decoder.pos_embed_visible=false",
     "model.feature_decoder.context_block=1", "model.feature_decoder.dim=null"]
-RUN = ["data.micro_batch_size=8", "data.global_batch_size=16", "data.num_workers=1", "logging.every_steps=1",
+# data.num_workers=0: no fork server to start (~2 s a launch); workers run in test_faults and others.
+RUN = ["data.micro_batch_size=8", "data.global_batch_size=16", "data.num_workers=0", "logging.every_steps=1",
        "logging.knn_every_steps=null", "checkpoint.every_steps=1", "checkpoint.keep_last=5"]
 _spec = importlib.util.spec_from_file_location("export_cli", ROOT / "launchers" / "export.py")
 export_cli = importlib.util.module_from_spec(_spec)
@@ -520,6 +521,9 @@ def test_continue_from_an_mae_file(tmp_path) -> None:
 
 
 @pytest.mark.slow
+# CI: test_position_tables_are_recomputed_or_resampled_for_another_grid (the resampling) and
+# test_continue_from_a_bootmae_file_then_export_official (a file continued, then exported); ~18 s.
+@pytest.mark.extended
 def test_continue_from_a_timm_state_dict_at_another_size(tmp_path) -> None:
     """2 ranks: a timm ViT (learned position table, k biases, a classifier head) as safetensors,
     continued at 40 px instead of its 32: the table is resampled bicubically, the rest is the file's."""

@@ -252,6 +252,10 @@ def test_probe_run_evaluates_every_image_once_and_exports_the_best_to_timm(full_
     assert (out / "tensorboard").is_dir() and (out / "checkpoints" / "latest").read_text().strip() == "step_00000012"
 
 
+# CI: the same JobTrainer.train resume in test_detect (a transfer job), test_pretrain (bf16, engine
+# states compared) and test_slurm (SIGUSR1 -> 75 -> requeue; SIGTERM takes the same handler,
+# runtime.run.Preemption); ~35 s on 2 cores.
+@pytest.mark.extended
 def test_probe_resumes_exactly_after_preemption(full_run, tmp_path) -> None:
     _, full, _ = full_run
     out = tmp_path / "preempted"

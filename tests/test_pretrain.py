@@ -13,8 +13,10 @@ import pytest
 import torch
 from distributed import ROOT, cpu_env, deepspeed_cmd, run
 
+# data.num_workers=0: read in the rank, no fork server to start (~2 s of a launch on 2 cores); the
+# loader's workers run in the shared demo run, test_faults, test_slurm and test_data_workers.
 TINY = ["model.depth=2", "model.feature_decoder.context_block=1", "data.micro_batch_size=8",
-        "data.num_workers=1", "logging.every_steps=1", "checkpoint.every_steps=1000"]
+        "data.num_workers=0", "logging.every_steps=1", "checkpoint.every_steps=1000"]
 
 
 def _args(out: Path, steps: int, *extra: str) -> list[str]:
@@ -72,7 +74,7 @@ def test_resume_is_exact_with_two_ranks_and_accumulation(tmp_path, precision) ->
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # CI: test_slurm's preemption of a pre-training run (exact resume), test_linprobe's SIGTERM -> 75
+@pytest.mark.extended  # CI: test_slurm's preemption of a pre-training run (SIGUSR1 -> 75 -> exact resume)
 def test_preemption_signal_saves_and_resumes(tmp_path) -> None:
     out = tmp_path / "run"
     cmd = deepspeed_cmd("launchers/pretrain.py", *_args(out, 400, "data.global_batch_size=16"))

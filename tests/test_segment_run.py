@@ -58,6 +58,9 @@ def test_segment_evaluates_and_keeps_the_best_in_mmseg_layout(full_run, demo_pre
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
 
+# CI: the same JobTrainer.train resume in test_detect (a transfer job keeping its best) and
+# test_pretrain; ~39 s on 2 cores.
+@pytest.mark.extended
 def test_segment_resume_continues_exactly(full_run, demo_pretrain_run, tmp_path):
     _, full = full_run
     out = tmp_path / "resumed"

@@ -48,6 +48,9 @@ def _steps(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+# CI: test_preemption_requeues_and_resumes_exactly runs the same template on both nodes and
+# checks where the ranks ran, that the job finishes and that it saves; ~42 s.
+@pytest.mark.extended
 def test_two_nodes_join_one_world(cluster, tmp_path) -> None:
     run_dir = tmp_path / "run"
     job = _sbatch(cluster, tmp_path, run_dir, "--config", "demo", "--max-steps", "3", "--set", *TINY,
@@ -61,7 +64,7 @@ def test_two_nodes_join_one_world(cluster, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # CI: test_two_nodes_join_one_world (the pre-training template on two nodes)
+@pytest.mark.extended  # CI: test_preemption_requeues_and_resumes_exactly (the pre-training template on two nodes)
 def test_finetune_template_runs_on_two_nodes(cluster, tmp_path) -> None:
     run_dir = tmp_path / "ft"
     job = _sbatch(cluster, tmp_path, run_dir, "--config", "demo", "--max-steps", "4", "--set", "init.config=demo",
@@ -112,6 +115,7 @@ def test_preemption_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_pat
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=cluster, check=True)
     _wait_gone(cluster, job_id, deadline)
     log = (tmp_path / f"job-{job_id}.out").read_text()
+    assert "[rank 0/2] local rank 0 on node1" in log and "[rank 1/2] local rank 0 on node2" in log
     assert "preempted: checkpoint saved at step" in log, log[-3000:]
     saved = int(log.split("preempted: checkpoint saved at step ")[1].split(";")[0])
     assert "requeueing job" in log and "restart 1" in log
