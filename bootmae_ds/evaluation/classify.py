@@ -18,8 +18,7 @@ import torch.distributed as dist
 from ..config import InputError, load_config
 from ..data.labelled import check_labels, eval_batches, open_eval_source
 from ..interop.classifiers import ClassifierFile, read_classifier
-from ..runtime.dist import init_distributed
-from ..runtime.run import announce
+from ..runtime.run import scoring_ranks
 from .features import Normalise
 
 
@@ -92,9 +91,7 @@ def evaluate_weights(cfg: Any, run_dir: Path, weights: str | Path, crop_pct: flo
     source = open_eval_source(cfg.data.val, cfg)
     classes = getattr(source, "classes", None)
     mean, std = _check(cfg, file, len(classes) if classes else None, str(weights))
-    info = init_distributed()
-    try:
-        announce(cfg.run.name, info)
+    with scoring_ranks(cfg.run.name) as info:
         dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
         model = file.model.to(info.device, dtype)
         d = cfg.data
@@ -115,8 +112,4 @@ def evaluate_weights(cfg: Any, run_dir: Path, weights: str | Path, crop_pct: flo
             (run_dir / "eval_only.json").write_text(json.dumps(record, indent=1) + "\n")
             print(f"eval_top1 {s['top1']:.2f}{official}  eval_top5 {s['top5']:.2f}  eval_loss {s['loss']:.4f}  "
                   f"({s['images']} images, {info.world_size} rank(s), {file.layout} layout)", flush=True)
-        dist.barrier()
-        return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return 0

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .dist import DistInfo
+from .dist import DistInfo, init_distributed
 
 EXIT_PREEMPTED = 75
 EXIT_NONFINITE = 3
@@ -103,6 +105,21 @@ def announce(name: str, info: DistInfo) -> None:
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[{name}] [rank {info.rank}/{info.world_size}] local rank {info.local_rank} on {node}, "
           f"device {info.device}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+
+
+@contextmanager
+def scoring_ranks(name: str) -> Iterator[DistInfo]:
+    """The ranks of a launch that only scores a file (``--eval-only``): every rank joins the process
+    group and rank 0 prints the start-up line; on a normal exit the ranks wait for rank 0's result
+    files, and the group is closed however the block ends."""
+    info = init_distributed()
+    try:
+        announce(name, info)
+        yield info
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def resume_fingerprint(cfg: Any, sections: tuple[str, ...]) -> dict[str, Any]:

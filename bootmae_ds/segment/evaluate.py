@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..config.segment import SegmentConfig
-from ..runtime.dist import init_distributed
-from ..runtime.run import announce
+from ..runtime.run import scoring_ranks
 from .data import open_eval_source
 from .model import build_segmentor, load_weights
 from .trainer import evaluate
@@ -22,9 +20,7 @@ from .trainer import evaluate
 def evaluate_weights(cfg: SegmentConfig, run_dir: Path, weights: str | Path) -> int:
     """Score ``weights``; rank 0 prints the per-class table and writes ``RUN/eval_only.json`` and
     ``RUN/eval_only.md``. Returns the exit status."""
-    info = init_distributed()
-    try:
-        announce(cfg.run.name, info)
+    with scoring_ranks(cfg.run.name) as info:
         model, _, _ = build_segmentor(cfg)  # the architecture; every weight comes from the file
         meta = load_weights(model, weights)
         model.to(info.device)
@@ -40,8 +36,4 @@ def evaluate_weights(cfg: SegmentConfig, run_dir: Path, weights: str | Path) -> 
             print(scores.table(), flush=True)
             print(f"eval_miou {scores.miou:.2f}  eval_macc {scores.macc:.2f}  eval_aacc {scores.aacc:.2f}  "
                   f"({images} images, {info.world_size} rank(s))", flush=True)
-        dist.barrier()
-        return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return 0
